@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +61,17 @@ def find_file(location: str | os.PathLike, filename: str, required: bool = True)
         )
     try:
         return Path(hf_hub_download(location, filename))
-    except EntryNotFoundError:
-        if required:
-            raise CheckpointError(f"The Hugging Face repository {location} has no file {filename}.") from None
-        return None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        # Offline, unreachable or private: a subclass of EntryNotFoundError too, so it is caught first.
+        if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+            if required:
+                raise CheckpointError(f"The Hugging Face repository {location} has no file {filename}.") from None
+            return None
         raise CheckpointError(
             f"Could not get {filename} of {location} ({type(error).__name__}: {error}). {_download_hint(location, filename)}"
         ) from error
+    except OSError as error:
+        raise CheckpointError(f"Could not get {filename} of {location}: {error}. {_download_hint(location, filename)}") from error
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -159,6 +163,15 @@ def _apply_lora(model, lora: str, merge: bool):
     except Exception as error:
         raise CheckpointError(f"Could not load the LoRA adapter of {lora}: {error}") from error
     return model.merge_and_unload() if merge else model
+
+
+def save_checkpoint(checkpoint: LoadedCheckpoint, out: str | os.PathLike) -> None:
+    """A full checkpoint folder (config, safetensors weights, tokenizer, preprocessor) that loads without peft."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.model.save_pretrained(out)
+    shutil.copyfile(checkpoint.tokenizer.model_file, out / "tokenizer.model")
+    (out / "preprocessor_config.json").write_text(json.dumps(checkpoint.image_config.to_dict(), indent=2))
 
 
 def load_checkpoint(

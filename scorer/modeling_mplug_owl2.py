@@ -548,8 +548,12 @@ class MPLUGOwl2LlamaForCausalLM(MplugOwl2PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def prepare_inputs_for_generation(self, *args, modality_indicators=None, is_first_iteration=False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, modality_indicators=None, is_first_iteration=False, **kwargs
+    ):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         # Visual tokens only exist in the prompt; every generated token is text (the cache keeps the rest).
         inputs["modality_indicators"] = modality_indicators if is_first_iteration else None
         return inputs

@@ -51,6 +51,23 @@ class ImageProcessingConfig:
             rescale_factor=float(values.get("rescale_factor", 1 / 255)),
         )
 
+    def to_dict(self) -> dict:
+        """The CLIPImageProcessor `preprocessor_config.json` this describes."""
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": self.resize_to},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": True,
+        }
+
     @property
     def pad_colour(self) -> tuple[int, int, int]:
         """The reference's padding colour: `int(mean * 255)` per channel (rounded down)."""
@@ -105,8 +122,8 @@ def _clip8(accumulated: torch.Tensor) -> torch.Tensor:
 def pad_and_resize(images: torch.Tensor, out_size: int, fill: torch.Tensor) -> torch.Tensor:
     """Pads [B, C, h, w] to a centred square filled with `fill` [C] and resizes it to `out_size`, as PIL does.
 
-    uint8 input: PIL's exact uint8 result (as float64 in [0, 255]). Float input: the same filter in real arithmetic
-    (differentiable; the output keeps the input's dtype).
+    uint8 input: PIL's exact uint8 result (as float64 in [0, 255]). Float input in [0, 1]: the same filter in real
+    arithmetic, clipped to [0, 1] after each pass (differentiable; the output keeps the input's dtype).
     """
     batch, channels, height, width = images.shape
     side = max(height, width)
@@ -122,10 +139,10 @@ def pad_and_resize(images: torch.Tensor, out_size: int, fill: torch.Tensor) -> t
     # PIL resamples horizontally first, then vertically, rounding to 8 bits after each pass.
     rows = torch.cat([pixels, fill.expand(batch, channels, height, 1)], dim=3) @ horizontal.T
     padding_row = fill.expand(batch, channels, 1, width + 1) @ horizontal.T
-    if quantized:
-        rows, padding_row = _clip8(rows), _clip8(padding_row)
-    resized = vertical @ torch.cat([rows, padding_row], dim=2)
-    return _clip8(resized) if quantized else resized
+    # Clipping after each pass, as PIL does, keeps bicubic overshoot out of the float path as well.
+    clip = _clip8 if quantized else (lambda x: x.clamp(0, 1))
+    rows, padding_row = clip(rows), clip(padding_row)
+    return clip(vertical @ torch.cat([rows, padding_row], dim=2))
 
 
 def pixel_values_from_images(images: torch.Tensor, config: ImageProcessingConfig) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint, resolve_device_and_dtype
+from .checkpoint import LoadedCheckpoint, load_checkpoint, resolve_device_and_dtype, save_checkpoint
 from .images import ImageInputError, load_images
 from .levels import expected_score, score_std
 from .presets import Preset, get_preset
@@ -62,6 +62,7 @@ class ArtQuantScorer:
         self.device = device
         self.dtype = dtype
         self.source = checkpoint.source
+        self.checkpoint = checkpoint
         self.prompt_ids = torch.tensor(self.tokenizer.encode_with_images(preset.prompt()), device=device)
         self.level_ids = torch.tensor([self.tokenizer.word_token_id(w) for w in preset.level_names], device=device)
 
@@ -89,6 +90,12 @@ class ArtQuantScorer:
         )
         checkpoint.model.to(device)
         return cls(checkpoint, preset, device, dtype)
+
+    def save_pretrained(self, out: str | os.PathLike) -> None:
+        """Writes the (merged) model as a safetensors checkpoint folder that `from_pretrained` loads without peft."""
+        if hasattr(self.model, "merge_and_unload"):
+            raise ValueError("This scorer holds an unmerged LoRA adapter: load it with merge_lora=True to save it.")
+        save_checkpoint(self.checkpoint, out)
 
     # ----------------------------------------------------------------------------------------------------------
     # Scoring

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests never touch the network: a hub id must fail fast with the offline message, not wait for time-outs.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = REPO_ROOT.parent / "shared" / "fixtures" / "artquant_reference"
 

@@ -1,0 +1,193 @@
+"""`artquant score | describe | convert | train | eval | best-of-n`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+RESULT_FIELDS = ("path", "score", "std", "error")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder or Hugging Face id (default: the preset's)")
+    parser.add_argument("--base", help="base model for a LoRA release (default: the release's, else the preset's)")
+    parser.add_argument("--preset", default="artquant", help="artquant (default), deqa-score, onealign-quality, onealign-aesthetics")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+
+
+def _load_scorer(args):
+    from .scorer import ArtQuantScorer
+
+    return ArtQuantScorer.from_pretrained(args.model, base=args.base, preset=args.preset, dtype=args.dtype, device=args.device)
+
+
+def _image_paths(paths: list[str]) -> list[Path]:
+    from .scorer.images import iter_image_files
+
+    return list(iter_image_files(paths))
+
+
+def _done_paths(out: Path) -> set[str]:
+    """Paths already scored in a JSONL file of an earlier run (a torn last line, from a kill, is ignored)."""
+    done = set()
+    if out.suffix == ".jsonl" and out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("error") is None:
+                done.add(row["path"])
+    return done
+
+
+class ResultWriter:
+    """Rows to CSV (rewritten whole) or JSONL (appended and flushed per batch, so a rerun can resume)."""
+
+    def __init__(self, out: Path | None, level_names: tuple[str, ...]):
+        self.out, self.fields = out, [*RESULT_FIELDS[:3], *(f"p_{n}" for n in level_names), "error"]
+        self.rows: list[dict] = []
+        self.stream = None
+        if out is not None and out.suffix == ".jsonl":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            torn = out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n")
+            self.stream = out.open("a")
+            if torn:  # a killed run's half-written line stays on its own line
+                self.stream.write("\n")
+        elif out is not None and out.suffix != ".csv":
+            raise SystemExit(f"--out must end in .csv or .jsonl, not {out.name}")
+
+    def add(self, path: Path, result) -> None:
+        row = {"path": str(path), "score": result.score, "std": result.std}
+        row.update({f"p_{k}": v for k, v in result.level_probs.items()})
+        row["error"] = result.error
+        if not result.ok:
+            row.update({k: None for k in row if k not in ("path", "error")})
+        self.rows.append(row)
+        if self.stream is not None:
+            self.stream.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        elif self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            with self.out.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+
+def _summary(rows: list[dict], skipped: int) -> str:
+    scored = [r for r in rows if r["error"] is None]
+    failed = [r for r in rows if r["error"] is not None]
+    lines = [f"scored {len(scored)} image(s), {len(failed)} failed" + (f", {skipped} already done" if skipped else "")]
+    if scored:
+        best = max(scored, key=lambda r: r["score"])
+        worst = min(scored, key=lambda r: r["score"])
+        mean = sum(r["score"] for r in scored) / len(scored)
+        lines += [f"mean {mean:.3f}", f"best {best['score']:.3f}  {best['path']}", f"worst {worst['score']:.3f}  {worst['path']}"]
+    lines += [f"failed: {r['path']}: {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+def command_score(args) -> int:
+    from tqdm import tqdm
+
+    paths = _image_paths(args.paths)
+    out = Path(args.out) if args.out else None
+    done = _done_paths(out) if out else set()
+    todo = [p for p in paths if str(p) not in done]
+    if not paths:
+        print("no images found under " + " ".join(args.paths), file=sys.stderr)
+        return 1
+    if not todo:
+        print(f"all {len(paths)} image(s) already scored in {out}", file=sys.stderr)
+        return 0
+    scorer = _load_scorer(args)
+    writer = ResultWriter(out, scorer.preset.level_names)
+    try:
+        with tqdm(total=len(todo), unit="img", desc="scoring", disable=args.quiet) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                chunk = todo[start : start + args.batch_size]
+                for path, result in zip(chunk, scorer.score(chunk, batch_size=args.batch_size)):
+                    writer.add(path, result)
+                writer.flush()
+                bar.update(len(chunk))
+    finally:
+        writer.close()
+    if out is None:
+        for row in writer.rows:
+            shown = "error: " + row["error"] if row["error"] else f"{row['score']:.4f} ± {row['std']:.4f}"
+            print(f"{row['path']}\t{shown}")
+    print(_summary(writer.rows, len(paths) - len(todo)), file=sys.stderr)
+    return 0 if all(r["error"] is None for r in writer.rows) else 1
+
+
+def command_describe(args) -> int:
+    paths = _image_paths(args.paths)
+    scorer = _load_scorer(args)
+    failed = 0
+    for path in paths:
+        text = scorer.describe([path], question=args.question, max_new_tokens=args.max_new_tokens)[0]
+        failed += text.startswith("[error:")
+        print(json.dumps({"path": str(path), "description": text}, ensure_ascii=False))
+    return 1 if failed or not paths else 0
+
+
+def command_convert(args) -> int:
+    scorer = _load_scorer(args)
+    scorer.save_pretrained(args.out)
+    print(f"wrote a merged safetensors checkpoint to {args.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="artquant", description="ArtQuant aesthetic scoring")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score images (files or folders, recursed)")
+    score.add_argument("paths", nargs="+")
+    _add_model_arguments(score)
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--out", help="results.csv or results.jsonl (JSONL resumes: a rerun skips scored images)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(run=command_score)
+
+    describe = commands.add_parser("describe", help="generate aesthetic descriptions")
+    describe.add_argument("paths", nargs="+")
+    _add_model_arguments(describe)
+    describe.add_argument("--question", help="default: the preset's description question")
+    describe.add_argument("--max-new-tokens", type=int, default=256)
+    describe.set_defaults(run=command_describe)
+
+    convert = commands.add_parser("convert", help="write a merged safetensors checkpoint (no peft, no pickle)")
+    _add_model_arguments(convert)
+    convert.add_argument("--out", required=True, help="output folder")
+    convert.set_defaults(run=command_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        raise SystemExit("--batch-size must be at least 1")
+    from .scorer import CheckpointError
+
+    try:
+        return args.run(args)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""ArtQuant as a reward for diffusion models, in ddpo-pytorch's contract `fn(images, prompts, metadata) -> (rewards, info)`.
+
+Two ways to ask for a reward, both backed by the scorer core:
+
+* `ArtQuantReward.__call__` (and the closure `artquant_reward` returns): no gradients; images are quantised to 8 bits
+  and scored exactly as `ArtQuantScorer.score` scores the same picture read from a file. For DDPO, GRPO, best-of-N.
+* `ArtQuantReward.differentiable`: float pixels in, rewards with gradients to those pixels out (the scorer's torch
+  preprocessing, no PIL), with activation checkpointing in the frozen scorer. For ReFL, DRaFT, AlignProp, guidance.
+
+Image forms (batched): a torch tensor [B, 3, H, W] (float in `value_range`, or uint8), a numpy array
+[B, H, W, 3] (uint8, or float in `value_range`), or a list of PIL images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..scorer import ArtQuantScorer
+
+NORMALIZATIONS = ("raw", "unit", "zscore")
+VALUE_RANGES = ((0.0, 1.0), (-1.0, 1.0))
+RANGE_SLACK = 1e-3  # the core's tolerance for float images that should lie in [0, 1]
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every reward seen so far (Welford's update, float64)."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean = 0.0
+        self._sum_squares = 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        for value in values.detach().double().flatten().tolist():
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self._sum_squares += delta * (value - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self._sum_squares / self.count) ** 0.5 if self.count > 1 else 1.0
+
+
+def _check_value_range(value_range: Sequence[float]) -> tuple[float, float]:
+    value_range = tuple(float(v) for v in value_range)
+    if value_range not in VALUE_RANGES:
+        raise ValueError(f"value_range must be (0, 1) or (-1, 1) for float images, not {value_range}.")
+    return value_range
+
+
+def _range_hint(low: float, high: float) -> str:
+    if low >= -2 and high <= 2 and (low < -1 or high > 1):
+        return " A raw VAE decode overshoots [-1, 1]: clamp it first, as diffusers does (images.clamp(-1, 1))."
+    if low >= -1 - RANGE_SLACK and low < -RANGE_SLACK and high <= 1 + RANGE_SLACK:
+        return " They look like [-1, 1] (a VAE decode): pass value_range=(-1, 1)."
+    if high > 1 + RANGE_SLACK and high <= 255 + RANGE_SLACK and low >= -RANGE_SLACK:
+        return " They look like [0, 255]: pass uint8 images or divide by 255."
+    return ""
+
+
+def to_unit_range(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """Float images in `value_range` -> the same images in [0, 1] (differentiable).
+
+    Raises when a value is NaN/infinite or lies outside the range by more than rounding (1e-3 in [0, 1] units).
+    """
+    if not torch.isfinite(images).all():
+        bad = sorted({int(i) for i in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten()})
+        raise ValueError(f"images {bad} contain NaN or infinite values; check the sampler (e.g. fp16 VAE overflow).")
+    low, high = value_range
+    unit = (images - low) / (high - low)
+    unit_low, unit_high = float(unit.detach().min()), float(unit.detach().max())
+    if unit_low < -RANGE_SLACK or unit_high > 1 + RANGE_SLACK:
+        seen_low, seen_high = float(images.detach().min()), float(images.detach().max())
+        raise ValueError(
+            f"float images must lie in {value_range}, got values in [{seen_low:.3g}, {seen_high:.3g}]."
+            + _range_hint(seen_low, seen_high)
+        )
+    return unit.clamp(0, 1)
+
+
+def _batch_channels_first(array: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, 3, H, W] from a batch in `layout` ("NCHW" or "NHWC"); explains a wrong layout or shape."""
+    if array.ndim != 4:
+        raise ValueError(f"expected a batch of images [B, C, H, W] (torch) or [B, H, W, C] (numpy), got shape "
+                         f"{tuple(array.shape)}; add the batch dimension with images[None] for a single image.")
+    channel_axis = 1 if layout == "NCHW" else 3
+    if array.shape[channel_axis] != 3:
+        other = "NHWC" if layout == "NCHW" else "NCHW"
+        other_axis = 3 if layout == "NCHW" else 1
+        hint = f" It looks {other}: pass layout={other!r}." if array.shape[other_axis] == 3 else ""
+        raise ValueError(f"expected {layout} RGB images (3 channels in dim {channel_axis}), got shape "
+                         f"{tuple(array.shape)}.{hint}")
+    return array if layout == "NCHW" else array.permute(0, 3, 1, 2)
+
+
+class ArtQuantReward:
+    """The ArtQuant score as a reward: `reward(images, prompts, metadata) -> (rewards [B], info)`.
+
+    normalize: "raw" (the score, 1-10 for ArtQuant), "unit" (mapped to [0, 1] by the preset's score range) or
+        "zscore" (minus the running mean over every reward computed so far, divided by the running std; the current
+        batch is included before normalising).
+    value_range: what float images mean, (0, 1) or (-1, 1); uint8 images and PIL images are always [0, 255].
+    errors: "raise" (any unreadable image raises, naming it) or "nan" (its reward is NaN, the reason is in
+        `info["errors"]`, the others still count).
+    gradient_checkpointing: recompute the scorer's layer activations in the backward pass of `differentiable`
+        instead of storing them (memory roughly one layer's worth instead of all of them, ~30% more compute).
+
+    The scorer is frozen (`requires_grad=False` on every parameter) in place.
+    """
+
+    def __init__(
+        self,
+        scorer: ArtQuantScorer,
+        normalize: str = "raw",
+        value_range: Sequence[float] = (0, 1),
+        batch_size: int = 8,
+        errors: str = "raise",
+        gradient_checkpointing: bool = True,
+    ):
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}.")
+        if errors not in ("raise", "nan"):
+            raise ValueError(f"errors must be 'raise' or 'nan', not {errors!r}.")
+        self.scorer = scorer
+        self.normalize = normalize
+        self.value_range = _check_value_range(value_range)
+        self.batch_size = batch_size
+        self.errors = errors
+        self.gradient_checkpointing = gradient_checkpointing
+        self.moments = RunningMoments()
+        scorer.model.requires_grad_(False)
+        self._checkpointing_ready = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    # ddpo-pytorch / flow_grpo contract (no gradients)
+    # ----------------------------------------------------------------------------------------------------------
+    def __call__(
+        self, images: Any, prompts: Sequence[str] | None = None, metadata: Any = None, layout: str | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Rewards [B] (float32, CPU) and `info` with the raw `score` [B], its `std` [B] (uncertainty, score units),
+        `level_probs` [B, 5], `level_names` and `errors` (one entry per image, None when it scored).
+
+        `layout`: "NCHW" or "NHWC"; default NCHW for torch tensors and NHWC for numpy arrays, as ddpo-pytorch passes
+        them. Prompts and metadata are not used: ArtQuant rates the image alone.
+        """
+        results = self.scorer.score(self._scorer_inputs(images, layout), batch_size=self.batch_size)
+        errors = [r.error for r in results]
+        failed = [i for i, error in enumerate(errors) if error is not None]
+        if failed and self.errors == "raise":
+            reasons = "; ".join(f"image {i}: {errors[i]}" for i in failed)
+            raise ValueError(f"{len(failed)} of {len(results)} images could not be scored ({reasons}). "
+                             "Pass errors='nan' to get NaN rewards for them instead.")
+        scores = torch.tensor([r.score for r in results], dtype=torch.float32)
+        info = {
+            "score": scores,
+            "std": torch.tensor([r.std for r in results], dtype=torch.float32),
+            "level_probs": torch.tensor([list(r.level_probs.values()) for r in results], dtype=torch.float32),
+            "level_names": list(self.scorer.preset.level_names),
+            "errors": errors,
+        }
+        return self._normalized(scores), info
+
+    def _scorer_inputs(self, images: Any, layout: str | None) -> Any:
+        """Whatever the caller passed -> what `ArtQuantScorer.score` reads the same way (uint8 or [0, 1] floats)."""
+        if isinstance(images, Image.Image):
+            raise ValueError("pass a list of PIL images (a batch), not a single image.")
+        if isinstance(images, (list, tuple)):
+            return list(images)
+        if isinstance(images, np.ndarray):
+            images, layout = torch.from_numpy(np.ascontiguousarray(images)), layout or "NHWC"
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch tensor, a numpy array or a list of PIL images, not "
+                             f"{type(images).__name__}.")
+        batch = _batch_channels_first(images.detach().cpu(), layout or "NCHW")
+        if batch.dtype == torch.uint8:
+            return batch
+        if not batch.is_floating_point():
+            raise ValueError(f"images must be uint8 or float, not {batch.dtype}.")
+        nan_rows = ~torch.isfinite(batch).flatten(1).all(1)
+        finite = torch.where(nan_rows[:, None, None, None], 0.0, batch.float())
+        unit = to_unit_range(finite, self.value_range)
+        # NaN images stay NaN so that the scorer reports them one by one instead of losing the whole batch.
+        return torch.where(nan_rows[:, None, None, None], float("nan"), unit)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Differentiable reward (ReFL / DRaFT / AlignProp / guidance)
+    # ----------------------------------------------------------------------------------------------------------
+    def differentiable(self, images: torch.Tensor, value_range: Sequence[float] | None = None) -> torch.Tensor:
+        """Rewards [B] with autograd back to `images`, float [B, 3, H, W] in `value_range` (default: the reward's).
+
+        NaNs and values outside the range raise (clamp a raw VAE decode first, as diffusers' postprocessing does).
+        Use `-reward.differentiable(x).mean()` as a loss.
+        """
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise ValueError("differentiable() takes float torch images [B, 3, H, W]; convert uint8/PIL images to "
+                             "float first (they carry no gradient anyway).")
+        value_range = self.value_range if value_range is None else _check_value_range(value_range)
+        unit = to_unit_range(_batch_channels_first(images, "NCHW"), value_range)
+        self._prepare_for_gradients()
+        scores = self.scorer.score_tensor(unit.to(self.scorer.device)).scores
+        return self._normalized(scores)
+
+    def _prepare_for_gradients(self) -> None:
+        if self._checkpointing_ready or not self.gradient_checkpointing:
+            return
+        model = self.scorer.model
+        # transformers checkpoints a layer only in training mode; with no active dropout that changes nothing else.
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or model.config.attention_dropout:
+            raise ValueError("the scorer has active dropout; pass gradient_checkpointing=False.")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self._checkpointing_ready = True
+
+    def _normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.normalize == "unit":
+            low, high = self.scorer.preset.score_range
+            return (scores - low) / (high - low)
+        if self.normalize == "zscore":
+            self.moments.update(scores[torch.isfinite(scores)])
+            return (scores - self.moments.mean) / max(self.moments.std, 1e-6)
+        return scores
+
+
+def artquant_reward(
+    scorer: ArtQuantScorer | None = None,
+    normalize: str = "raw",
+    value_range: Sequence[float] = (0, 1),
+    batch_size: int = 8,
+    errors: str = "raise",
+    **scorer_kwargs,
+):
+    """ddpo-pytorch-style reward factory: loads the scorer once (unless given) and returns
+    `fn(images, prompts, metadata) -> (rewards [B], info)`. `scorer_kwargs` go to `ArtQuantScorer.from_pretrained`
+    (model, base, preset, dtype, device). See `ArtQuantReward` for the arguments."""
+    reward = ArtQuantReward(
+        scorer or ArtQuantScorer.from_pretrained(**scorer_kwargs), normalize, value_range, batch_size, errors
+    )
+
+    def _fn(images, prompts, metadata):
+        return reward(images, prompts, metadata)
+
+    return _fn

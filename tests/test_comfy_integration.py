@@ -1,0 +1,273 @@
+"""The node pack inside a real ComfyUI server: workflows posted to /prompt, results read from /history.
+
+Needs a ComfyUI checkout in ARTQUANT_COMFYUI_DIR and a Python with ComfyUI's requirements and this package
+(run pytest with that Python). The server listens on 127.0.0.1 only, runs on the CPU, and is always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COMFYUI_DIR = os.environ.get("ARTQUANT_COMFYUI_DIR")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_FOLDER = "artquant-pack"  # not the package's own name: ComfyUI imports the pack under its folder name
+START_TIMEOUT_S = 240
+PROMPT_TIMEOUT_S = 180
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="set ARTQUANT_COMFYUI_DIR to a ComfyUI checkout (and run with its Python) to test in ComfyUI"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base: Path, port: int, log: Path):
+        self.base, self.url, self.log = base, f"http://127.0.0.1:{port}", log
+
+    def request(self, path: str, payload: dict | None = None) -> dict:
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def run(self, workflow: dict) -> dict:
+        """Queues an API-format workflow and returns its /history entry once it has finished."""
+        try:
+            prompt_id = self.request("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})["prompt_id"]
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"ComfyUI rejected the workflow: {error.read().decode()}") from None
+        deadline = time.monotonic() + PROMPT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            history = self.request(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                if history[prompt_id]["status"]["status_str"] in ("success", "error"):
+                    return history[prompt_id]
+            time.sleep(0.5)
+        raise AssertionError(f"workflow not finished after {PROMPT_TIMEOUT_S} s; see {self.log}")
+
+
+def wait_until_up(server: ComfyServer, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"ComfyUI exited with {process.returncode}:\n{server.log.read_text()[-3000:]}")
+        try:
+            server.request("/system_stats")
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    raise AssertionError(f"ComfyUI did not start in {START_TIMEOUT_S} s:\n{server.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, reference_dir, reference_images):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
+    models = base / "models" / "artquant"
+    models.mkdir(parents=True)
+    # The release records its base as ../mplug_owl2_base; "ArtQuant" is the name the example workflows use.
+    for name, source in (("artquant_lora", "artquant_lora"), ("mplug_owl2_base", "mplug_owl2_base"), ("ArtQuant", "artquant_lora")):
+        (models / name).symlink_to(reference_dir / source, target_is_directory=True)
+    (base / "input").mkdir()
+    for path in reference_images:
+        shutil.copy(path, base / "input" / path.name)
+    shutil.copy(reference_images[0], base / "input" / "example.png")  # the image the example workflows load
+    server = ComfyServer(base, free_port(), base / "comfyui.log")
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", server.url.rsplit(":", 1)[1],
+               "--base-directory", str(base), "--disable-api-nodes"]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the test must not reach any hub
+    with open(server.log, "w") as log:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    try:
+        wait_until_up(server, process)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def same_size_images(comfy) -> list[str]:
+    """Four distinct 48x40 pictures in ComfyUI's input folder (a batch needs one size)."""
+    generator = np.random.default_rng(0)
+    names = []
+    for index in range(4):
+        name = f"noise{index}.png"
+        pixels = (generator.random((48, 40, 3)) * (index + 1) / 4 * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(comfy.base / "input" / name)
+        names.append(name)
+    return names
+
+
+def loader_node(model="artquant_lora", model_id="") -> dict:
+    return {"class_type": "ArtQuantLoader",
+            "inputs": {"preset": "artquant", "model": model, "dtype": "fp32", "device": "auto", "model_id": model_id}}
+
+
+def batch_of(names: list[str], workflow: dict) -> list:
+    """Adds LoadImage + ImageBatch nodes for `names` (in order) and returns the link to the whole batch."""
+    for index, name in enumerate(names):
+        workflow[f"load{index}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    link = ["load0", 0]
+    for index in range(1, len(names)):
+        workflow[f"batch{index}"] = {"class_type": "ImageBatch", "inputs": {"image1": link, "image2": [f"load{index}", 0]}}
+        link = [f"batch{index}", 0]
+    return link
+
+
+def preview_texts(entry: dict, node: str) -> list[str]:
+    return entry["outputs"][node]["text"]
+
+
+def saved_files(comfy, entry: dict, node: str) -> list[Path]:
+    return [comfy.base / "output" / image["subfolder"] / image["filename"] for image in entry["outputs"].get(node, {}).get("images", [])]
+
+
+def test_pack_loads_without_import_errors(comfy):
+    info = comfy.request("/object_info")
+    for name in ("ArtQuantLoader", "ArtQuantScore", "ArtQuantRank", "ArtQuantFilter", "ArtQuantDescribe", "ArtQuantScoreOverlay"):
+        assert info[name]["category"] == "ArtQuant", name
+    assert "artquant_lora" in info["ArtQuantLoader"]["input"]["required"]["model"][0]  # models/artquant/ registered
+    failures = [line for line in comfy.log.read_text().splitlines() if PACK_FOLDER in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    assert not failures
+
+
+def test_scores_in_comfyui_equal_the_python_api(comfy, lora_scorer, reference_images, golden):
+    workflow = {"model": loader_node()}
+    for index, path in enumerate(reference_images):
+        workflow[f"load{index}"] = {"class_type": "LoadImage", "inputs": {"image": path.name}}
+        workflow[f"score{index}"] = {"class_type": "ArtQuantScore",
+                                     "inputs": {"artquant_model": ["model", 0], "images": [f"load{index}", 0], "batch_size": 8}}
+        workflow[f"show{index}"] = {"class_type": "PreviewAny", "inputs": {"source": [f"score{index}", 0]}}
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    in_comfy = [float(preview_texts(entry, f"show{i}")[0]) for i in range(len(reference_images))]
+    in_python = [result.score for result in lora_scorer.score(reference_images)]
+    np.testing.assert_allclose(in_comfy, in_python, atol=1e-5)
+    np.testing.assert_allclose(in_comfy, golden["lora_scores"], atol=1e-4)
+
+
+def test_rank_orders_and_saves_the_batch(comfy, lora_scorer, same_size_images):
+    workflow = {"model": loader_node()}
+    batch = batch_of(same_size_images, workflow)
+    workflow["rank"] = {"class_type": "ArtQuantRank", "inputs": {"artquant_model": ["model", 0], "images": batch, "top_k": 2}}
+    workflow["save_sorted"] = {"class_type": "SaveImage", "inputs": {"images": ["rank", 0], "filename_prefix": "ranked"}}
+    workflow["save_top"] = {"class_type": "SaveImage", "inputs": {"images": ["rank", 1], "filename_prefix": "top"}}
+    workflow["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["rank", 3]}}
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    python_scores = [r.score for r in lora_scorer.score([comfy.base / "input" / n for n in same_size_images])]
+    expected_order = np.argsort(-np.array(python_scores), kind="stable")
+    np.testing.assert_allclose([float(t) for t in preview_texts(entry, "show")], np.array(python_scores)[expected_order], atol=1e-5)
+    ranked, top = saved_files(comfy, entry, "save_sorted"), saved_files(comfy, entry, "save_top")
+    assert len(ranked) == 4 and len(top) == 2
+    inputs = [np.asarray(Image.open(comfy.base / "input" / n)) for n in same_size_images]
+    for position, path in enumerate(ranked):
+        np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), inputs[expected_order[position]])
+
+
+def test_filter_overlay_and_describe(comfy, lora_scorer, same_size_images):
+    python_scores = [r.score for r in lora_scorer.score([comfy.base / "input" / n for n in same_size_images])]
+    threshold = float(np.median(python_scores))
+    workflow = {"model": loader_node()}
+    batch = batch_of(same_size_images, workflow)
+    workflow["filter"] = {"class_type": "ArtQuantFilter", "inputs": {"artquant_model": ["model", 0], "images": batch, "threshold": threshold}}
+    workflow["save_kept"] = {"class_type": "SaveImage", "inputs": {"images": ["filter", 0], "filename_prefix": "kept"}}
+    workflow["show_report"] = {"class_type": "PreviewAny", "inputs": {"source": ["filter", 3]}}
+    workflow["overlay"] = {"class_type": "ArtQuantScoreOverlay", "inputs": {"artquant_model": ["model", 0], "images": batch}}
+    workflow["save_overlay"] = {"class_type": "SaveImage", "inputs": {"images": ["overlay", 0], "filename_prefix": "overlay"}}
+    workflow["describe"] = {"class_type": "ArtQuantDescribe",
+                            "inputs": {"artquant_model": ["model", 0], "images": ["load0", 0], "max_new_tokens": 4, "question": ""}}
+    workflow["show_text"] = {"class_type": "PreviewAny", "inputs": {"source": ["describe", 0]}}
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    passing = sum(score >= threshold for score in python_scores)
+    assert len(saved_files(comfy, entry, "save_kept")) == passing
+    assert preview_texts(entry, "show_report")[0].startswith(f"{passing} of 4 images")
+    assert len(saved_files(comfy, entry, "save_overlay")) == 4
+    assert isinstance(preview_texts(entry, "show_text")[0], str)
+
+
+def test_filter_with_no_passing_image_skips_saving(comfy, same_size_images):
+    workflow = {"model": loader_node()}
+    batch = batch_of(same_size_images[:2], workflow)
+    workflow["filter"] = {"class_type": "ArtQuantFilter", "inputs": {"artquant_model": ["model", 0], "images": batch, "threshold": 99.0}}
+    workflow["save_kept"] = {"class_type": "SaveImage", "inputs": {"images": ["filter", 0], "filename_prefix": "never"}}
+    workflow["show_report"] = {"class_type": "PreviewAny", "inputs": {"source": ["filter", 3]}}
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert preview_texts(entry, "show_report")[0].startswith("None of the 2 images")
+    assert saved_files(comfy, entry, "save_kept") == [] and not list((comfy.base / "output").glob("never*"))
+
+
+def test_missing_model_is_a_clear_execution_error(comfy):
+    workflow = {"model": loader_node(model_id=str(comfy.base / "models" / "artquant" / "not_downloaded"))}
+    batch = batch_of(["astronaut.png"], workflow)
+    workflow["score"] = {"class_type": "ArtQuantScore", "inputs": {"artquant_model": ["model", 0], "images": batch, "batch_size": 8}}
+    workflow["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["score", 2]}}
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "error"
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert errors and errors[0]["node_type"] == "ArtQuantLoader"
+    assert "neither a checkpoint folder nor a Hugging Face id" in errors[0]["exception_message"]
+
+
+def api_prompt(ui_workflow: dict, object_info: dict) -> dict:
+    """The API-format prompt the frontend would queue for a UI-format workflow (links, then widget values in order)."""
+    links = {link[0]: link for link in ui_workflow["links"]}
+    prompt = {}
+    for node in ui_workflow["nodes"]:
+        info = object_info[node["type"]]
+        linked = {slot["name"]: [str(links[slot["link"]][1]), links[slot["link"]][2]] for slot in node["inputs"] if slot["link"] is not None}
+        widgets = iter(node["widgets_values"])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                spec = info["input"][section][name]
+                if name in linked:
+                    inputs[name] = linked[name]
+                elif isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                    inputs[name] = next(widgets)
+                    if len(spec) > 1 and spec[1].get("image_upload"):
+                        next(widgets)  # the upload button's own widget value
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_example_workflows_are_listed_and_run(comfy):
+    templates = comfy.request("/workflow_templates")[PACK_FOLDER]
+    assert sorted(templates) == ["artquant_describe", "artquant_filter", "artquant_score_and_rank"]
+    object_info = comfy.request("/object_info")
+    for name in templates:
+        ui_workflow = json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
+        prompt = api_prompt(ui_workflow, object_info)
+        for node in prompt.values():
+            if node["class_type"] == "ArtQuantDescribe":
+                node["inputs"]["max_new_tokens"] = 4  # keep the tiny model's generation short
+        entry = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "success", (name, entry["status"])
+        assert entry["outputs"], name

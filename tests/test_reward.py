@@ -1,0 +1,216 @@
+"""The reward functions: ddpo-pytorch contract, input forms, normalisation, bad input, and the differentiable reward."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from artquant.reward import ArtQuantReward, artquant_reward
+
+
+def private_copy(scorer):
+    """The scorer with its own model: rewards freeze the model in place, which must not leak into shared fixtures."""
+    clone = copy.copy(scorer)
+    clone.model = copy.deepcopy(scorer.model)
+    return clone
+
+
+@pytest.fixture(scope="module")
+def scorer(lora_scorer):
+    return private_copy(lora_scorer)
+
+
+@pytest.fixture(scope="module")
+def uint8_batch() -> np.ndarray:
+    """Three random RGB images [3, 37, 52, 3] (NHWC uint8), non-square so that padding is exercised."""
+    return np.random.default_rng(0).integers(0, 256, size=(3, 37, 52, 3), dtype=np.uint8)
+
+
+def test_rewards_equal_the_reference_scores(scorer, reference_images, golden):
+    reward_fn = artquant_reward(scorer)
+    images = [Image.open(path) for path in reference_images]
+    rewards, info = reward_fn(images, ["a prompt"] * len(images), [{}] * len(images))
+    assert rewards.shape == (len(images),)
+    torch.testing.assert_close(rewards, torch.tensor(golden["lora_scores"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(info["level_probs"], torch.tensor(golden["lora_level_probs"]), atol=1e-4, rtol=0)
+    weights = torch.tensor(golden["score_weight"])
+    expected_std = (info["level_probs"] * (weights - rewards[:, None]) ** 2).sum(1).sqrt()
+    torch.testing.assert_close(info["std"], expected_std, atol=1e-4, rtol=0)
+    assert info["level_names"] == golden["level_names"] and info["errors"] == [None] * len(images)
+
+
+def test_rewards_equal_scorer_score_on_the_same_images(scorer, uint8_batch):
+    rewards, info = ArtQuantReward(scorer)(torch.from_numpy(uint8_batch).permute(0, 3, 1, 2).float() / 255)
+    direct = scorer.score(list(uint8_batch))
+    assert rewards.tolist() == pytest.approx([r.score for r in direct], abs=1e-6)
+    assert info["std"].tolist() == pytest.approx([r.std for r in direct], abs=1e-6)
+
+
+def test_every_input_form_gives_the_same_rewards(scorer, uint8_batch):
+    nchw_uint8 = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2)
+    unit = nchw_uint8.double() / 255
+    forms = {
+        "NCHW float [0, 1]": (unit.float(), {}),
+        "NCHW float64 [0, 1]": (unit, {}),
+        "NCHW float [-1, 1]": ((unit * 2 - 1).float(), {"value_range": (-1, 1)}),
+        "NCHW uint8": (nchw_uint8, {}),
+        "NHWC uint8 numpy": (uint8_batch, {}),
+        "NHWC float numpy": (uint8_batch.astype(np.float32) / 255, {}),
+        "NHWC torch, layout given": (torch.from_numpy(uint8_batch), {"layout": "NHWC"}),
+        "list of PIL": ([Image.fromarray(image) for image in uint8_batch], {}),
+    }
+    expected = torch.tensor([r.score for r in scorer.score(list(uint8_batch))])
+    for name, (images, options) in forms.items():
+        layout = options.pop("layout", None)
+        rewards, _ = ArtQuantReward(scorer, **options)(images, None, None, layout=layout)
+        torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=0, msg=name)
+
+
+def test_normalisations(scorer, uint8_batch):
+    images = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2)
+    raw, _ = ArtQuantReward(scorer, normalize="raw")(images)
+    unit, _ = ArtQuantReward(scorer, normalize="unit")(images)
+    torch.testing.assert_close(unit, (raw - 1) / 9)  # ArtQuant's score range is 1..10
+
+    zscore = ArtQuantReward(scorer, normalize="zscore")
+    zscore(images[:2])
+    second, info = zscore(images)
+    seen = np.concatenate([raw[:2].numpy(), raw.numpy()]).astype(np.float64)
+    expected = (raw.numpy() - seen.mean()) / seen.std()
+    np.testing.assert_allclose(second.numpy(), expected, rtol=1e-5)
+    torch.testing.assert_close(info["score"], raw)  # the raw score stays available
+
+
+@pytest.mark.parametrize(
+    ("images", "options", "message"),
+    [
+        (torch.rand(2, 20, 20, 3), {}, "NHWC"),
+        (torch.rand(3, 20, 20), {}, "batch"),
+        (torch.rand(2, 4, 20, 20), {}, "3 channels"),
+        (torch.rand(2, 3, 20, 20) * 2 - 1, {}, "value_range=(-1, 1)"),
+        (torch.rand(2, 3, 20, 20) * 255, {}, "uint8"),
+        (torch.rand(2, 3, 20, 20), {"value_range": (0, 255)}, "value_range"),
+        (torch.randint(0, 9, (2, 3, 20, 20)), {}, "uint8 or float"),
+        (Image.new("RGB", (20, 20)), {}, "list of PIL"),
+        ("image.png", {}, "torch tensor"),
+    ],
+)
+def test_bad_batches_raise_clear_errors(scorer, images, options, message):
+    with pytest.raises(ValueError, match=message if message != "value_range=(-1, 1)" else r"value_range=\(-1, 1\)"):
+        ArtQuantReward(scorer, **options)(images)
+
+
+def test_a_nan_image_is_named_or_costs_only_its_own_reward(scorer, uint8_batch):
+    images = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2).float() / 255
+    clean, _ = ArtQuantReward(scorer)(images)
+    images[1, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="image 1"):
+        ArtQuantReward(scorer)(images)
+    rewards, info = ArtQuantReward(scorer, errors="nan")(images)
+    assert torch.isnan(rewards[1]) and "NaN" in info["errors"][1]
+    torch.testing.assert_close(rewards[[0, 2]], clean[[0, 2]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differentiable reward
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def float64_reward(lora_scorer):
+    scorer = private_copy(lora_scorer)
+    scorer.model.double()
+    scorer.dtype = torch.float64
+    return ArtQuantReward(scorer)
+
+
+def test_differentiable_reward_is_the_score_of_the_same_pixels(scorer, uint8_batch):
+    reward = ArtQuantReward(scorer, normalize="unit")
+    images = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        differentiable = reward.differentiable(images * 2 - 1, value_range=(-1, 1))
+    plain, _ = reward(images)
+    # The float path skips PIL's 8-bit rounding between the resize passes; nothing else differs.
+    torch.testing.assert_close(differentiable, plain, atol=2e-4, rtol=0)
+
+
+def test_gradients_match_finite_differences(float64_reward):
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 3, 24, 40, generator=generator, dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)
+    float64_reward.differentiable(images).sum().backward()
+    gradient = images.grad
+
+    def directional_difference(direction, step=1e-3):
+        with torch.no_grad():
+            upper = float64_reward.differentiable(images + step * direction).sum()
+            lower = float64_reward.differentiable(images - step * direction).sum()
+        return float(upper - lower) / (2 * step)
+
+    # One random direction over every pixel, then directions confined to single 8 x 8 regions of one channel.
+    # (The core casts the last logits to float32, which limits the finite differences to ~1e-4 absolute.)
+    direction = torch.randn(images.shape, generator=generator, dtype=torch.float64)
+    assert directional_difference(direction) == pytest.approx(float((gradient * direction).sum()), rel=2e-3)
+    for image, channel, top, left in [(0, 0, 0, 0), (0, 2, 16, 32), (1, 1, 8, 16)]:
+        local = torch.zeros_like(images)
+        local[image, channel, top : top + 8, left : left + 8] = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+        analytic = float((gradient * local).sum())
+        assert directional_difference(local) == pytest.approx(analytic, rel=2e-2, abs=2e-4)
+
+
+def test_every_pixel_region_gets_gradient(float64_reward):
+    images = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    images.requires_grad_(True)
+    float64_reward.differentiable(images).sum().backward()
+    per_region = images.grad.abs().unfold(2, 4, 4).unfold(3, 4, 4).sum((-1, -2))  # [1, 3, 6, 10] blocks of 4 x 4
+    assert (per_region > 0).all()
+
+
+def test_scorer_is_frozen_and_gradients_reach_only_pixels(scorer):
+    reward = ArtQuantReward(scorer)
+    images = torch.rand(2, 3, 30, 30, requires_grad=True)
+    (-reward.differentiable(images).mean()).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in scorer.model.parameters())
+
+
+def _saved_activation_bytes(reward, images):
+    """Bytes autograd keeps for the backward pass, weights excluded."""
+    weights = {p.data_ptr() for p in reward.scorer.model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        rewards = reward.differentiable(images)
+    return sum(saved), rewards
+
+
+def test_gradient_checkpointing_saves_less_and_gives_the_same_gradients(lora_scorer):
+    images = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for checkpointing in (True, False):
+        pixels = images.clone().requires_grad_(True)
+        reward = ArtQuantReward(private_copy(lora_scorer), gradient_checkpointing=checkpointing)
+        saved, rewards = _saved_activation_bytes(reward, pixels)
+        rewards.sum().backward()
+        results[checkpointing] = saved, pixels.grad
+    assert results[True][0] < 0.6 * results[False][0]  # 0.45 with the fixture: the layers keep only their inputs
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.randint(0, 255, (1, 3, 20, 20), dtype=torch.uint8), "float torch images"),
+        (torch.full((1, 3, 20, 20), float("nan")), "NaN"),
+        (torch.rand(1, 3, 20, 20) * 3 - 1.5, "clamp"),
+    ],
+)
+def test_differentiable_rejects_bad_input(scorer, images, message):
+    with pytest.raises(ValueError, match=message):
+        ArtQuantReward(scorer).differentiable(images, value_range=(-1, 1))

@@ -1,0 +1,316 @@
+"""`run_training`: ArtQuant's RAD-based fine-tuning with peft (LoRA) and accelerate (one GPU, DDP, ZeRO, FSDP).
+
+    artquant train config.yaml learning_rate=1e-5                      # one process
+    accelerate launch -m artquant.cli train config.yaml                # as configured by `accelerate config`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..scorer.checkpoint import NON_LORA_WEIGHTS, load_checkpoint, resolve_device_and_dtype
+from ..scorer.levels import ARTQUANT_LEVELS
+from .config import ConfigError, TrainingConfig, load_config
+from .data import ANSWER_PREFIX, ConversationDataset, DataError, SplitByTask, mix_datasets
+from .loss import ArtQuantLoss
+
+logger = logging.getLogger(__name__)
+
+NON_LORA_SAFETENSORS = "non_lora_trainables.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's own parameter names
+
+
+class SeededShuffle(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from `seed + epoch`, so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+def build_network(config: TrainingConfig, dtype: torch.dtype):
+    """The base mPLUG-Owl2 with LoRA and the trainable parts set as configured; trainable weights kept in fp32."""
+    checkpoint = load_checkpoint(config.base_model, dtype=dtype)
+    network = checkpoint.model
+    network.config.use_cache = False
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target, bias="none", task_type="CAUSAL_LM")
+        network = get_peft_model(network, lora)
+        network.peft_config["default"].base_model_name_or_path = config.base_model
+    else:
+        network.requires_grad_(True)
+    inner = network.get_base_model() if config.lora else network
+    inner.model.visual_abstractor.requires_grad_(config.tune_visual_abstractor)
+    inner.model.vision_model.requires_grad_(config.tune_vision_model)
+    for parameter in network.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()  # fp32 master weights; autocast runs the matmuls in bf16/fp16
+    if config.gradient_checkpointing:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    network.train()
+    return network, checkpoint
+
+
+def trainable_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in network.named_parameters() if p.requires_grad}
+
+
+def save_release(network, checkpoint, out: str | Path, lora: bool, reference_layout: bool) -> Path:
+    """A release `ArtQuantScorer.from_pretrained(out, base=...)` loads: the peft adapter (safetensors), the trained
+    vision model / abstractor as `non_lora_trainables.safetensors` (plain model keys), config, tokenizer,
+    preprocessor. `reference_layout` adds the reference's `non_lora_trainables.bin` (keys `base_model.model.*`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not lora:
+        network.save_pretrained(out)
+    else:
+        network.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+        network.get_base_model().config.save_pretrained(out)
+        non_lora = {
+            name.removeprefix(PEFT_PREFIX): tensor.contiguous().cpu()
+            for name, tensor in trainable_state_dict(network).items()
+            if "lora_" not in name
+        }
+        if non_lora:
+            save_file(non_lora, str(out / NON_LORA_SAFETENSORS))
+            if reference_layout:
+                torch.save({PEFT_PREFIX + k: v.clone() for k, v in non_lora.items()}, out / NON_LORA_WEIGHTS)
+    shutil.copyfile(checkpoint.tokenizer.model_file, out / "tokenizer.model")
+    (out / "preprocessor_config.json").write_text(json.dumps(checkpoint.image_config.to_dict(), indent=2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (resume at the same step with the same data order)
+# ----------------------------------------------------------------------------------------------------------------
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    folders = [p for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if (p / TRAINER_STATE).is_file()]
+    return max(folders, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def _keep_only_trainable(model, accelerator):
+    """accelerate save-state hook: store the trained weights only (a 7B base stays where it came from)."""
+
+    def hook(models, weights, output_dir):
+        trainable = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        for state in weights:
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+
+    return hook
+
+
+def save_training_state(accelerator, output_dir: Path, step: int, limit: int) -> None:
+    folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / TRAINER_STATE).write_text(json.dumps({"global_step": step}))
+        older = sorted((p for p in output_dir.glob(CHECKPOINT_PREFIX + "*") if p != folder),
+                       key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+        for stale in older[: max(0, len(older) - (limit - 1))] if limit > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+class RunningTerms:
+    """Sums of the loss terms since the last log line, for averaged logging."""
+
+    def __init__(self):
+        self.sums, self.count, self.samples, self.start = {}, 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += 1
+        self.samples += samples
+
+    def flush(self) -> dict[str, float]:
+        logs = {name: total / max(self.count, 1) for name, total in self.sums.items()}
+        logs["samples_per_second"] = self.samples / max(time.perf_counter() - self.start, 1e-9)
+        self.__init__()
+        return logs
+
+
+def _accelerator(config: TrainingConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
+
+    tracking = config.tensorboard and is_tensorboard_available()
+    return Accelerator(
+        mixed_precision={"fp32": "no"}.get(config.precision, config.precision),
+        log_with="tensorboard" if tracking else None,
+        project_dir=config.output_dir,
+    ), tracking
+
+
+def train(config: TrainingConfig) -> Path:
+    """Runs (or resumes) the training described by `config`; returns the release folder."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    accelerator, tracking = _accelerator(config)
+    set_seed(config.seed)
+    output_dir = Path(config.output_dir)
+    _, dtype = resolve_device_and_dtype("cpu", config.precision)
+    network, checkpoint = build_network(config, dtype)
+    tokenizer = checkpoint.tokenizer
+
+    samples = mix_datasets(config.data, config.seed)
+    dataset = ConversationDataset(samples, tokenizer, checkpoint.image_config, config.max_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=SeededShuffle(len(dataset), config.seed),
+        collate_fn=SplitByTask(tokenizer.unk_token_id), num_workers=config.num_workers,
+    )
+    level_ids = [tokenizer.word_token_id(w) for w in ARTQUANT_LEVELS]
+    model = ArtQuantLoss(network, level_ids, tokenizer.encode(ANSWER_PREFIX), config.loss_weights)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step on every process
+    accelerator.register_save_state_pre_hook(_keep_only_trainable(model, accelerator))
+
+    step = 0
+    resume_from = latest_checkpoint(output_dir) if config.resume else None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from), strict=False)
+        step = json.loads((resume_from / TRAINER_STATE).read_text())["global_step"]
+        accelerator.print(f"Resuming from {resume_from} at step {step}.")
+    if tracking:
+        accelerator.init_trackers("artquant", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+    evaluation = _evaluation_hook(config, checkpoint, accelerator, model)
+
+    running, skipped = RunningTerms(), 0
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * config.gradient_accumulation_steps)
+        group: list[dict] = []
+        for index, batch in enumerate(batches, done_in_epoch * config.gradient_accumulation_steps):
+            group.append(batch)
+            if len(group) < config.gradient_accumulation_steps and index + 1 < len(loader):
+                continue
+            skipped += _optimizer_step(accelerator, model, optimizer, scheduler, group, config, running)
+            group = []
+            step += 1
+            progress.update(1)
+            if step % config.logging_steps == 0 or step == total_steps:
+                logs = {**running.flush(), "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch}
+                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=step)
+                logger.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in logs.items()}))
+            if config.eval_steps and step % config.eval_steps == 0:
+                evaluation(step)
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                save_training_state(accelerator, output_dir, step, config.save_total_limit)
+            if step >= total_steps:
+                break
+    progress.close()
+    if skipped:
+        logger.warning("%d samples were skipped because their images could not be read.", skipped)
+    save_training_state(accelerator, output_dir, step, config.save_total_limit)
+    release = output_dir / "release"
+    if accelerator.is_main_process:
+        save_release(accelerator.unwrap_model(model).network, checkpoint, release, config.lora, config.reference_layout)
+    if config.eval_steps and step % config.eval_steps:
+        evaluation(step)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return release
+
+
+def _optimizer_step(accelerator, model, optimizer, scheduler, group, config, running) -> int:
+    """Forward/backward over the micro-batches of one optimizer step; returns how many samples were skipped."""
+    skipped = 0
+    usable = [b for b in group if b["num_samples"]]
+    for index, batch in enumerate(group):
+        for message in batch["skipped"]:
+            logger.warning("skipped a sample: %s", message)
+        skipped += len(batch["skipped"])
+    for index, batch in enumerate(usable):
+        sync = index == len(usable) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            terms = model(score=batch["score"], description=batch["description"])
+            accelerator.backward(terms["loss"] / len(usable))
+        running.add({k: v.detach() for k, v in terms.items()}, batch["num_samples"])
+    if usable:
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def _evaluation_hook(config: TrainingConfig, checkpoint, accelerator, model):
+    """A callable(step) that scores the held-out file with the current weights and logs the metrics."""
+    if config.eval_data is None or not config.eval_steps:
+        return lambda step: None
+    from .evaluate import evaluate_scorer, read_scored_images, scorer_for_network
+
+    images, scores = read_scored_images(config.eval_data)
+
+    def run(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        network = accelerator.unwrap_model(model).network
+        network.eval()
+        with accelerator.autocast():
+            report = evaluate_scorer(scorer_for_network(network, checkpoint, accelerator.device), images, scores,
+                                     batch_size=config.batch_size)
+        network.train()
+        metrics = {f"eval/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
+        accelerator.log(metrics, step=step)
+        logger.info("eval at step %d: %s", step, json.dumps(report["metrics"]))
+        folder = Path(config.output_dir) / "eval" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+
+    return run
+
+
+def run_training(config_path: str | None, overrides: list[str] = ()) -> int:
+    """`artquant train CONFIG [key=value ...]`: 0 on success, 2 on a config or data problem (message printed)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(config_path, list(overrides))
+        release = train(config)
+    except (ConfigError, DataError) as error:
+        logger.error("%s", error)
+        return 2
+    print(f"Release written to {release}")
+    return 0
