@@ -16,6 +16,9 @@ _PUBLIC = {
     "LevelScores": ".scorer",
     "PRESETS": ".scorer",
     "Preset": ".scorer",
+    # Read by ComfyUI when this folder sits in custom_nodes/; resolved on first access, so `import artquant` stays cheap.
+    "NODE_CLASS_MAPPINGS": ".artquant_nodes",
+    "NODE_DISPLAY_NAME_MAPPINGS": ".artquant_nodes",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -58,6 +58,12 @@ def resolve_checkpoint(name: str) -> str:
     for folder in model_folders():
         if name and (folder / name).is_dir():
             return str(folder / name)
+    if name and "/" not in name and os.sep not in name and not os.path.isdir(name):
+        folders = ", ".join(map(str, model_folders())) or "models/artquant/"
+        raise CheckpointError(
+            f"There is no checkpoint folder {name!r} in {folders}. Put the model's folder there and refresh, "
+            "or type its Hugging Face id (owner/name) or full path into model_id."
+        )
     if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, m)) for m in CHECKPOINT_MARKERS):
         raise CheckpointError(
             f"{name} holds no checkpoint (no config.json or adapter_config.json). Put one checkpoint folder per model "
@@ -82,11 +88,12 @@ class ArtQuantNetwork(torch.nn.Module):
 
 
 class ArtQuantModel:
-    """What flows along an ARTQUANT_MODEL link: the scorer and, inside ComfyUI, its ModelPatcher."""
+    """What flows along an ARTQUANT_MODEL link: the scorer and, inside ComfyUI, its ModelPatcher (not for
+    bitsandbytes-quantised models, whose weights cannot be moved between devices)."""
 
-    def __init__(self, scorer: ArtQuantScorer):
+    def __init__(self, scorer: ArtQuantScorer, quantized: bool = False):
         self.scorer = scorer
-        self.patcher = self._make_patcher(scorer)
+        self.patcher = None if quantized else self._make_patcher(scorer)
 
     @staticmethod
     def _make_patcher(scorer: ArtQuantScorer):
@@ -105,11 +112,21 @@ class ArtQuantModel:
         return self.scorer
 
 
+def quantization_choices() -> list[str]:
+    """8-bit/4-bit loading is offered only where bitsandbytes is installed."""
+    import importlib.util
+
+    return ["none", "8bit", "4bit"] if importlib.util.find_spec("bitsandbytes") is not None else ["none"]
+
+
 @functools.lru_cache(maxsize=2)
-def load_model(model: str, base: str | None, preset: str, dtype: str, device: str) -> ArtQuantModel:
+def load_model(model: str, base: str | None, preset: str, dtype: str, device: str, quantization: str = "none") -> ArtQuantModel:
     """Loads a scorer once per distinct setting; later executions get the cached handle (two kept at most)."""
     device = None if device == "auto" else device
     if device is None and comfy_module("comfy.model_management") is not None:
         device = comfy_module("comfy.model_management").get_torch_device()
-    scorer = ArtQuantScorer.from_pretrained(model, base=base, preset=preset, dtype=None if dtype == "auto" else dtype, device=device)
-    return ArtQuantModel(scorer)
+    quantization = None if quantization == "none" else quantization
+    scorer = ArtQuantScorer.from_pretrained(
+        model, base=base, preset=preset, dtype=None if dtype == "auto" else dtype, device=device, quantization=quantization
+    )
+    return ArtQuantModel(scorer, quantized=quantization is not None)

@@ -7,13 +7,19 @@ across the batch.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..scorer import PRESETS, ImageScore, hard_label
-from .model_handle import ArtQuantModel, comfy_module, load_model, local_checkpoints, resolve_checkpoint
+from ..scorer import PRESETS, ImageScore
+from .model_handle import (
+    ArtQuantModel,
+    comfy_module,
+    load_model,
+    local_checkpoints,
+    quantization_choices,
+    resolve_checkpoint,
+)
 
 MODEL_TYPE = "ARTQUANT_MODEL"
 CATEGORY = "ArtQuant"
@@ -41,6 +47,16 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(
             f"ArtQuant needs RGB IMAGEs with 3 channels, got {what} of shape {tuple(images.shape)}. Convert it to RGB "
             "first (e.g. Convert Mask to Image for a mask; drop the alpha channel with Split Image with Alpha)."
+        )
+
+
+def check_finite(images: torch.Tensor) -> None:
+    """For the describe path, which reports unreadable images as text rather than raising."""
+    bad = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
+    if bad:
+        raise ValueError(
+            f"Images {bad} of the batch contain NaN or infinite pixels: fix or remove them and queue again "
+            "(NaN pixels usually come from a VAE decoding in fp16: try --fp32-vae)."
         )
 
 
@@ -73,8 +89,9 @@ def score_images(model: ArtQuantModel, images: torch.Tensor, batch_size: int = 8
     return results
 
 
-def score_report(results: list[ImageScore], levels) -> str:
-    lines = [f"image {i}: {r.score:.3f} ± {r.std:.3f} ({hard_label(r.score, levels)})" for i, r in enumerate(results)]
+def score_report(results: list[ImageScore]) -> str:
+    """A line per image with its most probable level word (the model's own answer), then the summary."""
+    lines = [f"image {i}: {r.score:.3f} ± {r.std:.3f} ({max(r.level_probs, key=r.level_probs.get)})" for i, r in enumerate(results)]
     scores = [r.score for r in results]
     lines.append(f"{len(scores)} images, mean {np.mean(scores):.3f}, best {max(scores):.3f} (image {int(np.argmax(scores))})")
     return "\n".join(lines)
@@ -110,6 +127,7 @@ class ArtQuantLoader:
             "optional": {
                 "base": ([AUTO_BASE] + local, {"tooltip": "Base model of a LoRA release; by default the one the release records."}),
                 "model_id": ("STRING", {"default": "", "tooltip": "A Hugging Face id or a folder path; when set it replaces `model`."}),
+                "quantization": (quantization_choices(), {"default": "none", "tooltip": "8-bit/4-bit LLM weights via bitsandbytes (CUDA only; listed when it is installed)."}),
             },
         }
 
@@ -119,10 +137,10 @@ class ArtQuantLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, preset, model, dtype, device, base=AUTO_BASE, model_id=""):
+    def load(self, preset, model, dtype, device, base=AUTO_BASE, model_id="", quantization="none"):
         chosen = resolve_checkpoint(model_id or ("" if model == NO_LOCAL_MODEL else model))
         base_path = None if base == AUTO_BASE else resolve_checkpoint(base)
-        return (load_model(chosen, base_path, preset, dtype, device),)
+        return (load_model(chosen, base_path, preset, dtype, device, quantization),)
 
 
 class ArtQuantScore:
@@ -147,8 +165,7 @@ class ArtQuantScore:
 
     def score(self, artquant_model, images, batch_size=8):
         results = score_images(artquant_model, images, batch_size)
-        report = score_report(results, artquant_model.scorer.preset.level_names)
-        return ([r.score for r in results], [r.std for r in results], report)
+        return ([r.score for r in results], [r.std for r in results], score_report(results))
 
 
 def reorder_latent(latent: dict, order: torch.Tensor, batch: int) -> dict:
@@ -272,6 +289,7 @@ class ArtQuantDescribe:
 
     def describe(self, artquant_model, images, max_new_tokens, question=""):
         check_images(images)
+        check_finite(images)
         scorer = artquant_model.ready()
         advance = progress_reporter(len(images))
         texts = []

@@ -110,10 +110,30 @@ def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, tor
     return device, dtype
 
 
-def _load_full_model(location: str, dtype: torch.dtype, config: MplugOwl2Config | None = None):
+def quantization_config(quantization: str | None, dtype: torch.dtype):
+    """bitsandbytes settings for "8bit" / "4bit" (the LLM only: the vision tower and abstractor stay in `dtype`)."""
+    if quantization is None:
+        return None
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', not {quantization!r}.")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise CheckpointError(f"{quantization} loading needs a CUDA GPU and `pip install bitsandbytes`.")
+    from transformers import BitsAndBytesConfig
+
+    keep = ["vision_model", "visual_abstractor", "lm_head"]
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=keep)
+
+
+def _load_full_model(location: str, dtype: torch.dtype, config: MplugOwl2Config | None = None, quantization=None):
+    extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization else {}
     try:
         model, info = MPLUGOwl2LlamaForCausalLM.from_pretrained(
-            location, dtype=dtype, config=config, output_loading_info=True
+            location, dtype=dtype, config=config, output_loading_info=True, **extra
         )
     except CheckpointError:
         raise
@@ -180,21 +200,24 @@ def load_checkpoint(
     default_base: str | None = None,
     dtype: torch.dtype = torch.float32,
     merge_lora: bool = True,
+    quantization: str | None = None,
 ) -> LoadedCheckpoint:
     """Loads a full checkpoint, or an ArtQuant LoRA release on top of `base` (else the release's recorded base,
-    else `default_base`). Tokenizer and preprocessing come from the checkpoint, else from its base."""
+    else `default_base`). Tokenizer and preprocessing come from the checkpoint, else from its base.
+    `quantization` "8bit"/"4bit" loads the LLM through bitsandbytes (CUDA only; LoRA is then applied unmerged)."""
     model, base = str(model), (str(base) if base is not None else None)
+    quantization = quantization_config(quantization, dtype)
     adapter_config = find_file(model, ADAPTER_CONFIG, required=False)
     if adapter_config is None:
         if base is not None:
             raise CheckpointError(f"{model} is a full checkpoint (it has no {ADAPTER_CONFIG}); do not pass a base.")
-        network = _load_full_model(model, dtype)
+        network = _load_full_model(model, dtype, quantization=quantization)
         sources = [model]
     else:
         base = _lora_base(model, adapter_config, base, default_base)
         release_config = find_file(model, "config.json", required=False)
         config = MplugOwl2Config.from_pretrained(str(release_config.parent)) if release_config else None
-        network = _load_full_model(base, dtype, config)
+        network = _load_full_model(base, dtype, config, quantization)
         non_lora = find_file(model, NON_LORA_WEIGHTS, required=False)
         if non_lora is not None:
             state = _non_lora_state_dict(load_weights_file(non_lora))
@@ -204,7 +227,8 @@ def load_checkpoint(
                     f"{non_lora} has weights this model does not have (e.g. {result.unexpected_keys[:3]}): "
                     "the release and the base model do not match."
                 )
-        network = _apply_lora(network, str(adapter_config.parent) if os.path.isdir(model) else model, merge_lora)
+        lora = str(adapter_config.parent) if os.path.isdir(model) else model
+        network = _apply_lora(network, lora, merge_lora and quantization is None)
         sources = [model, base]
     network.eval()
 

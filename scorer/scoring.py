@@ -42,6 +42,14 @@ class LevelScores:
     open_set_mass: torch.Tensor | None = field(default=None)
 
 
+def _source_names(images: Any, count: int) -> list[str | None]:
+    """The file name behind each loaded image, where the inputs were paths."""
+    items = [images] if isinstance(images, (str, os.PathLike)) else images
+    if isinstance(items, (list, tuple)) and len(items) == count:
+        return [str(x) if isinstance(x, (str, os.PathLike)) else None for x in items]
+    return [None] * count
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -75,10 +83,12 @@ class ArtQuantScorer:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         merge_lora: bool = True,
+        quantization: str | None = None,
     ) -> ArtQuantScorer:
         """`model`: a checkpoint folder or Hugging Face id (default: the preset's); a LoRA release is applied on
         `base` (default: its recorded base, else the preset's) and merged unless `merge_lora=False`.
-        `dtype`/`device` default to bf16 on a GPU and fp32 on the CPU."""
+        `dtype`/`device` default to bf16 on a GPU and fp32 on the CPU; `quantization` "8bit"/"4bit" needs
+        bitsandbytes and a CUDA GPU."""
         preset = get_preset(preset)
         device, dtype = resolve_device_and_dtype(device, dtype)
         checkpoint = load_checkpoint(
@@ -87,8 +97,10 @@ class ArtQuantScorer:
             default_base=preset.base_id,
             dtype=dtype,
             merge_lora=merge_lora,
+            quantization=quantization,
         )
-        checkpoint.model.to(device)
+        if quantization is None:  # bitsandbytes places the weights itself
+            checkpoint.model.to(device)
         return cls(checkpoint, preset, device, dtype)
 
     def save_pretrained(self, out: str | os.PathLike) -> None:
@@ -143,18 +155,15 @@ class ArtQuantScorer:
         `progress`: an optional callable given the number of images just finished.
         """
         loaded = load_images(images, layout)
-        sources = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in self._flatten_sources(images, len(loaded))]
+        sources = _source_names(images, len(loaded))
         results: list[ImageScore | None] = [None] * len(loaded)
-        valid = []
         for index, item in enumerate(loaded):
             if isinstance(item, ImageInputError):
                 results[index] = self._failure(str(item), sources[index])
-            else:
-                valid.append(index)
+        valid = [i for i, item in enumerate(loaded) if results[i] is None]
         with torch.inference_mode():
             for chunk in _batches(valid, batch_size):
-                pixel_values = torch.cat([pixel_values_from_images(loaded[i][None], self.image_config) for i in chunk])
-                output = self.scores_from_logits(self.level_logits(pixel_values), open_set)
+                output = self.scores_from_logits(self.level_logits(self._pixel_values(loaded, chunk)), open_set)
                 for row, index in enumerate(chunk):
                     results[index] = ImageScore(
                         score=float(output.scores[row]),
@@ -169,17 +178,13 @@ class ArtQuantScorer:
             progress(len(loaded) - len(valid))
         return results
 
+    def _pixel_values(self, loaded: list[torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+        """uint8 images of any sizes -> one batch of `pixel_values`, each image preprocessed on its own."""
+        return torch.cat([pixel_values_from_images(loaded[i][None].to(self.device), self.image_config) for i in indices])
+
     def _failure(self, message: str, source: str | None) -> ImageScore:
         nan = float("nan")
         return ImageScore(nan, nan, dict.fromkeys(self.preset.level_names, nan), None, message, source)
-
-    @staticmethod
-    def _flatten_sources(images: Any, count: int) -> list[Any]:
-        if isinstance(images, (list, tuple)) and len(images) == count:
-            return list(images)
-        if isinstance(images, (str, os.PathLike)):
-            return [images]
-        return [None] * count
 
     # ----------------------------------------------------------------------------------------------------------
     # Descriptions
@@ -208,7 +213,7 @@ class ArtQuantScorer:
                 texts[index] = f"[error: {item}]"
         with torch.inference_mode():
             for chunk in _batches(valid, batch_size):
-                pixel_values = torch.cat([pixel_values_from_images(loaded[i][None], self.image_config) for i in chunk])
+                pixel_values = self._pixel_values(loaded, chunk)
                 generated = self.generate_from_pixels(
                     prompt_ids, pixel_values, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs
                 )

@@ -127,3 +127,14 @@ def test_other_presets_score_with_their_own_prompt(reference_dir, reference_imag
     assert "\nASSISTANT: The quality of the image is" in scorer.tokenizer.decode(scorer.prompt_ids)
     result = scorer.score(reference_images[:1])[0]
     assert 1.0 <= result.score <= 5.0
+
+
+def test_quantization_needs_bitsandbytes_and_a_gpu(reference_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+        pytest.skip("this machine can quantise; the error path is for machines that cannot")
+    with pytest.raises(CheckpointError, match="bitsandbytes"):
+        ArtQuantScorer.from_pretrained(reference_dir / "mplug_owl2_base", quantization="8bit")
+    with pytest.raises(ValueError, match="'8bit' or '4bit'"):
+        ArtQuantScorer.from_pretrained(reference_dir / "mplug_owl2_base", quantization="3bit")

@@ -58,9 +58,8 @@ class ComfyServer:
         deadline = time.monotonic() + PROMPT_TIMEOUT_S
         while time.monotonic() < deadline:
             history = self.request(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                if history[prompt_id]["status"]["status_str"] in ("success", "error"):
-                    return history[prompt_id]
+            if prompt_id in history and history[prompt_id]["status"].get("status_str") in ("success", "error"):
+                return history[prompt_id]
             time.sleep(0.5)
         raise AssertionError(f"workflow not finished after {PROMPT_TIMEOUT_S} s; see {self.log}")
 

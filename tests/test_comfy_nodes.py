@@ -12,8 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from artquant.artquant_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from artquant.artquant_nodes.model_handle import ArtQuantModel
 from artquant.artquant_nodes.nodes import (
@@ -26,6 +24,7 @@ from artquant.artquant_nodes.nodes import (
     ArtQuantScoreOverlay,
 )
 from artquant.scorer import CheckpointError
+from PIL import Image
 
 
 def comfy_image(path) -> torch.Tensor:
@@ -64,14 +63,15 @@ def test_every_node_is_documented_and_consistent():
 
 def test_pack_imports_without_comfyui():
     code = "import sys, artquant.artquant_nodes as n; assert n.NODE_CLASS_MAPPINGS; print(any(m.split('.')[0] in ('comfy', 'folder_paths') for m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 def test_loader_loads_once_and_scores_like_the_reference(reference_dir, reference_images, golden):
     loader = ArtQuantLoader()
-    arguments = dict(preset="artquant", model=NO_LOCAL_MODEL, dtype="fp32", device="cpu", model_id=str(reference_dir / "artquant_lora"))
+    release = str(reference_dir / "artquant_lora")
+    arguments = {"preset": "artquant", "model": NO_LOCAL_MODEL, "dtype": "fp32", "device": "cpu", "model_id": release}
     (handle,) = loader.load(**arguments)
     assert loader.load(**arguments)[0] is handle  # cached: no reload per execution
     assert handle.patcher is None and handle.ready().device == torch.device("cpu")
@@ -84,6 +84,7 @@ def test_score_outputs_one_score_and_std_per_image(handle, batch16, batch16_scor
     assert len(scores) == len(stds) == 3
     assert all(1.0 <= s <= 10.0 for s in scores) and all(s > 0 for s in stds)
     assert report.count("\n") == 3 and f"{scores[2]:.3f}" in report
+    assert report.splitlines()[0].endswith(("(excellent)", "(good)", "(fair)", "(poor)", "(bad)"))
     np.testing.assert_allclose(scores, batch16_scores[:3], atol=1e-5)
 
 
@@ -167,12 +168,19 @@ def test_bad_images_raise_a_message_that_says_what_to_do(handle, images, message
             getattr(node, node.FUNCTION)(handle, images, **arguments)
 
 
+def test_describe_rejects_nan_images(handle):
+    with pytest.raises(ValueError, match=r"Images \[0\] .* NaN"):
+        ArtQuantDescribe().describe(handle, torch.full((1, 8, 8, 3), float("nan")), max_new_tokens=2)
+
+
 def test_missing_model_and_empty_model_folder_raise_clear_errors(tmp_path):
     loader = ArtQuantLoader()
     with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a Hugging Face id"):
         loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu", model_id=str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu", model_id=str(tmp_path))
+    with pytest.raises(CheckpointError, match="no checkpoint folder 'ArtQuant' in models/artquant/"):
+        loader.load("artquant", "ArtQuant", "fp32", "cpu")
     with pytest.raises(CheckpointError, match="No ArtQuant model chosen"):
         loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu")
     (tmp_path / "config.json").write_text('{"model_type": "mplug_owl2"}')
