@@ -150,6 +150,35 @@ def command_convert(args) -> int:
     return 0
 
 
+def command_best_of_n(args) -> int:
+    import torch
+
+    from .reward import best_of_n_to_folder
+
+    pipeline_options = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+    }
+    summary = best_of_n_to_folder(
+        args.pipeline,
+        args.prompt,
+        args.n,
+        args.out,
+        _load_scorer(args),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        torch_dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.pipeline_dtype),
+        **{k: v for k, v in pipeline_options.items() if v is not None},
+    )
+    best = summary["candidates"][0]
+    print(f"best of {len(summary['candidates'])}: seed {best['seed']}, score {best['score']:.3f} -> {args.out}", file=sys.stderr)
+    return 0 if all(c["error"] is None for c in summary["candidates"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="artquant", description="ArtQuant aesthetic scoring")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(convert)
     convert.add_argument("--out", required=True, help="output folder")
     convert.set_defaults(run=command_convert)
+
+    best_of_n = commands.add_parser("best-of-n", help="generate n images with a diffusers pipeline, keep them ranked")
+    _add_model_arguments(best_of_n)
+    best_of_n.add_argument("--pipeline", required=True, help="diffusers pipeline folder or Hugging Face id")
+    best_of_n.add_argument("--prompt", required=True)
+    best_of_n.add_argument("--n", type=int, default=8, help="number of candidates")
+    best_of_n.add_argument("--out", required=True, help="output folder (images, scores.json, contact_sheet.png)")
+    best_of_n.add_argument("--seed", type=int, default=0, help="first seed; candidate k uses seed + k")
+    best_of_n.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    best_of_n.add_argument("--steps", type=int, help="num_inference_steps (the pipeline's default if unset)")
+    best_of_n.add_argument("--guidance-scale", type=float)
+    best_of_n.add_argument("--negative-prompt")
+    best_of_n.add_argument("--height", type=int)
+    best_of_n.add_argument("--width", type=int)
+    best_of_n.add_argument("--pipeline-dtype", choices=["fp32", "fp16", "bf16"])
+    best_of_n.set_defaults(run=command_best_of_n)
     return parser
 
 

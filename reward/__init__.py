@@ -4,7 +4,12 @@ best-of-N sampling, reward guidance during sampling, and DRaFT-K LoRA fine-tunin
 The only part of artquant that touches diffusers; `reward.functions` itself needs only torch.
 """
 
-from .best_of_n import Candidate, best_of_n, best_of_n_to_folder, contact_sheet, run_best_of_n_cli
+from .best_of_n import (
+    Candidate,
+    best_of_n,
+    best_of_n_to_folder,
+    contact_sheet,
+)
 from .functions import ArtQuantReward, RunningMoments, artquant_reward
 from .guidance import RewardGuidance
 
@@ -17,5 +22,4 @@ __all__ = [
     "best_of_n",
     "best_of_n_to_folder",
     "contact_sheet",
-    "run_best_of_n_cli",
 ]

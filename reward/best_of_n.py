@@ -22,20 +22,22 @@ from ..scorer import ArtQuantScorer
 
 @dataclass
 class Candidate:
-    """One generated image, its seed and its ArtQuant rating."""
+    """One generated image, its seed and its ArtQuant rating; `error` says why an image has no score (NaN)."""
 
     image: Image.Image
     seed: int
     score: float
     std: float
     level_probs: dict[str, float]
+    error: str | None = None
 
 
-def pil_images_from_output(images: Any) -> list[Image.Image]:
+def pil_images_from_output(images: Any) -> tuple[list[Image.Image], list[str | None]]:
     """A pipeline's `.images` (list of PIL, numpy [B, H, W, C] in [0, 1], or torch [B, C, H, W] in [0, 1]) -> PIL,
-    rounded to 8 bits as diffusers' `numpy_to_pil` does."""
+    rounded to 8 bits as diffusers' `numpy_to_pil` does, and per image None or why it is unusable (NaN pixels,
+    drawn black)."""
     if isinstance(images, (list, tuple)) and all(isinstance(image, Image.Image) for image in images):
-        return list(images)
+        return list(images), [None] * len(images)
     if isinstance(images, torch.Tensor):
         images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -43,10 +45,11 @@ def pil_images_from_output(images: Any) -> list[Image.Image]:
             f"cannot read the pipeline's images ({type(images).__name__} {getattr(images, 'shape', '')}); use "
             "output_type 'pil', 'np' or 'pt' (not 'latent')."
         )
-    if not np.isfinite(images).all():
-        raise ValueError("the pipeline returned NaN pixels; run the VAE in float32 (fp16 VAEs overflow).")
-    pixels = (images.clip(0, 1) * 255).round().astype(np.uint8)
-    return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in pixels]
+    finite = np.isfinite(images).all(axis=(1, 2, 3))
+    pixels = (np.where(finite[:, None, None, None], images, 0).clip(0, 1) * 255).round().astype(np.uint8)
+    pil = [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in pixels]
+    nan_error = "the pipeline returned NaN pixels; run the VAE in float32 (fp16 VAEs overflow)"
+    return pil, [None if ok else nan_error for ok in finite]
 
 
 def _seed_list(n: int, seed: int, seeds: Sequence[int] | None) -> list[int]:
@@ -84,6 +87,7 @@ def best_of_n(
         raise ValueError(f"n and batch_size must be at least 1, got n={n}, batch_size={batch_size}.")
     seed_list = _seed_list(n, seed, seeds)
     images: list[Image.Image] = []
+    errors: list[str | None] = []
     for start in range(0, n, batch_size):
         chunk = seed_list[start : start + batch_size]
         generators = [torch.Generator(generator_device).manual_seed(s) for s in chunk]
@@ -91,14 +95,22 @@ def best_of_n(
         if isinstance(batch_kwargs.get("negative_prompt"), str):  # pipelines want one per prompt in a batch
             batch_kwargs["negative_prompt"] = [batch_kwargs["negative_prompt"]] * len(chunk)
         output = pipe(prompt=[prompt] * len(chunk), generator=generators, **batch_kwargs)
-        images.extend(pil_images_from_output(output.images))
+        batch_images, batch_errors = pil_images_from_output(output.images)
+        images.extend(batch_images)
+        errors.extend(batch_errors)
         if progress is not None:
             progress(len(chunk))
-    ratings = scorer.score(images, batch_size=batch_size)
+    valid = [i for i, error in enumerate(errors) if error is None]
+    ratings = dict(zip(valid, scorer.score([images[i] for i in valid], batch_size=batch_size), strict=True))
+    nan = float("nan")
     candidates = [
-        Candidate(image, s, r.score, r.std, r.level_probs) for image, s, r in zip(images, seed_list, ratings)
+        Candidate(image, s, r.score, r.std, r.level_probs, r.error)
+        if (r := ratings.get(index)) is not None
+        else Candidate(image, s, nan, nan, {}, errors[index])
+        for index, (image, s) in enumerate(zip(images, seed_list, strict=True))
     ]
-    return sorted(candidates, key=lambda c: c.score, reverse=True)
+    # Unscored images go last, whatever NaN would compare as.
+    return sorted(candidates, key=lambda c: (c.error is None, c.score if c.error is None else 0.0), reverse=True)
 
 
 def contact_sheet(candidates: Sequence[Candidate], columns: int = 4, thumbnail: int = 256) -> Image.Image:
@@ -116,7 +128,8 @@ def contact_sheet(candidates: Sequence[Candidate], columns: int = 4, thumbnail: 
         image = candidate.image.convert("RGB")
         image.thumbnail((thumbnail, thumbnail))
         sheet.paste(image, (x + (thumbnail - image.width) // 2, y + (thumbnail - image.height) // 2))
-        caption = f"#{index + 1}  {candidate.score:.2f} ± {candidate.std:.2f}  seed {candidate.seed}"
+        rating = f"{candidate.score:.2f} ± {candidate.std:.2f}" if candidate.error is None else "not scored"
+        caption = f"#{index + 1}  {rating}  seed {candidate.seed}"
         draw.text((x + 4, y + thumbnail + 2), caption, fill="black", font=font)
     return sheet
 
@@ -129,8 +142,17 @@ def write_candidates(candidates: Sequence[Candidate], out_dir: str | os.PathLike
     for rank, candidate in enumerate(candidates, start=1):
         name = f"rank{rank:02d}_seed{candidate.seed}.png"
         candidate.image.save(out / name)
-        entries.append({"rank": rank, "file": name, "seed": candidate.seed, "score": candidate.score,
-                        "std": candidate.std, "level_probs": candidate.level_probs})
+        entries.append(
+            {
+                "rank": rank,
+                "file": name,
+                "seed": candidate.seed,
+                "score": candidate.score if candidate.error is None else None,  # JSON has no NaN
+                "std": candidate.std if candidate.error is None else None,
+                "level_probs": candidate.level_probs,
+                "error": candidate.error,
+            }
+        )
     summary = {"prompt": prompt, "candidates": entries}
     (out / "scores.json").write_text(json.dumps(summary, indent=2))
     contact_sheet(candidates).save(out / "contact_sheet.png")
@@ -158,37 +180,3 @@ def best_of_n_to_folder(
     pipe.set_progress_bar_config(disable=True)
     candidates = best_of_n(pipe, prompt, n, scorer, batch_size=batch_size, seed=seed, **pipe_kwargs)
     return write_candidates(candidates, out_dir, prompt)
-
-
-def add_best_of_n_arguments(parser) -> None:
-    """The arguments of `artquant best-of-n` (for the CLI's sub-parser)."""
-    parser.add_argument("--pipeline", required=True, help="diffusers pipeline folder or Hugging Face id")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--n", type=int, default=8, help="number of candidates")
-    parser.add_argument("--out", required=True, help="output folder (images, scores.json, contact_sheet.png)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed; candidate k uses seed + k")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (pipeline default if unset)")
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--pipeline-dtype", choices=["fp32", "fp16", "bf16"], default=None)
-    parser.add_argument("--model", default=None, help="scorer checkpoint (default: the preset's)")
-    parser.add_argument("--preset", default="artquant")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="scorer dtype: auto, bf16, fp16 or fp32")
-
-
-def run_best_of_n_cli(args) -> dict[str, Any]:
-    """Runs `artquant best-of-n` from parsed `args` (see `add_best_of_n_arguments`)."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    scorer = ArtQuantScorer.from_pretrained(args.model, preset=args.preset, dtype=args.dtype, device=args.device)
-    optional = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
-                "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width}
-    return best_of_n_to_folder(
-        args.pipeline, args.prompt, args.n, args.out, scorer,
-        batch_size=args.batch_size, seed=args.seed, device=args.device,
-        torch_dtype=dtypes.get(args.pipeline_dtype),
-        **{k: v for k, v in optional.items() if v is not None},
-    )

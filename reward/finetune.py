@@ -28,8 +28,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention proj
 def add_lora(unet, rank: int = 4, alpha: float | None = None) -> list[torch.nn.Parameter]:
     """Freezes `unet`, adds a LoRA adapter (peft) on its attention projections and returns the trainable weights."""
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+    )
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -41,15 +42,22 @@ def encode_prompts(pipe, prompts: Sequence[str], guidance_scale: float | None, d
 
 
 def sample_with_last_k_gradients(
-    pipe, unet, prompt_embeds: torch.Tensor, latents: torch.Tensor, k: int, guidance_scale: float | None
+    pipe,
+    unet,
+    prompt_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    k: int,
+    guidance_scale: float | None,
 ) -> torch.Tensor:
-    """Runs the scheduler's timesteps from `latents` and decodes; autograd records only the last `k` steps and the
-    decode. Returns images [B, 3, H, W] in [-1, 1] (clamped as diffusers' postprocessing does)."""
-    timesteps = pipe.scheduler.timesteps
-    for index, timestep in enumerate(timesteps):
-        with torch.set_grad_enabled(index >= len(timesteps) - k):
-            model_output = noise_prediction(unet, pipe.scheduler, latents, timestep, prompt_embeds, guidance_scale)
-            latents = pipe.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
+    """Samples from `latents` and decodes; autograd records only the last `k` denoising steps and the decode.
+    Returns images [B, 3, H, W] in [-1, 1] (clamped as diffusers' postprocessing does)."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)  # also resets multistep schedulers' history
+    for index, timestep in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(index >= len(scheduler.timesteps) - k):
+            model_output = noise_prediction(unet, scheduler, latents, timestep, prompt_embeds, guidance_scale)
+            latents = scheduler.step(model_output, timestep, latents, return_dict=False)[0]
     vae = pipe.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return images.float().clamp(-1, 1)
@@ -75,7 +83,7 @@ def draft_finetune(
 ) -> list[float]:
     """Trains a LoRA on `pipe.unet` in place to raise `reward` on `prompts`; returns the mean reward of each step.
 
-    k: denoising steps backpropagated through (DRaFT-K; K=1 is DRaFT-1, the cheapest and usually enough).
+    k: the last denoising steps backpropagated through (DRaFT-K; K=1 is DRaFT-1, the cheapest).
     guidance_scale: classifier-free guidance while sampling (<= 1 turns it off).
     gradient_checkpointing: recompute the UNet's activations in the backward pass (for large K or images).
     """
@@ -93,18 +101,22 @@ def draft_finetune(
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     unet.train()
     cfg_scale = guidance_scale if guidance_scale > 1 else None
-    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latent_shape = (batch_size, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    generator = torch.Generator().manual_seed(seed)
+    latent_shape = (
+        batch_size,
+        pipe.unet.config.in_channels,
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
+    )
+    generator = torch.Generator().manual_seed(seed + accelerator.process_index)  # each process its own samples
     history = []
     for _ in tqdm(range(steps), desc="DRaFT", disable=not accelerator.is_local_main_process):
         batch = [prompts[int(i)] for i in torch.randint(len(prompts), (batch_size,), generator=generator)]
         latents = torch.randn(latent_shape, generator=generator).to(device) * pipe.scheduler.init_noise_sigma
         with accelerator.accumulate(unet):
             embeds = encode_prompts(pipe, batch, cfg_scale, device)
-            images = sample_with_last_k_gradients(pipe, unet, embeds, latents, k, cfg_scale)
+            images = sample_with_last_k_gradients(pipe, unet, embeds, latents, num_inference_steps, k, cfg_scale)
             rewards = reward.differentiable(images, value_range=(-1, 1))
             accelerator.backward(-rewards.mean())
             if accelerator.sync_gradients:
@@ -117,7 +129,7 @@ def draft_finetune(
 
 
 def save_lora(pipe, unet, out_dir: str | os.PathLike, accelerator: Accelerator | None = None) -> Path:
-    """Writes the UNet's LoRA as `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(out_dir)`)."""
+    """Writes the LoRA to `out_dir`/pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(out_dir)` reads."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -163,17 +175,30 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from ..scorer import ArtQuantScorer
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation
+    )
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # deterministic, differentiable steps
     pipe.set_progress_bar_config(disable=True)
     scorer = ArtQuantScorer.from_pretrained(args.model, preset=args.preset, device=accelerator.device)
     reward = ArtQuantReward(scorer, normalize=args.normalize)
     history = draft_finetune(
-        pipe, reward, _read_prompts(args.prompts), steps=args.steps, k=args.k, batch_size=args.batch_size,
-        learning_rate=args.lr, lora_rank=args.rank, num_inference_steps=args.inference_steps,
-        guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing, accelerator=accelerator,
+        pipe,
+        reward,
+        _read_prompts(args.prompts),
+        steps=args.steps,
+        k=args.k,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lora_rank=args.rank,
+        num_inference_steps=args.inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        accelerator=accelerator,
     )
     if accelerator.is_main_process:
         path = save_lora(pipe, pipe.unet, args.out, accelerator)

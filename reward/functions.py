@@ -1,4 +1,5 @@
-"""ArtQuant as a reward for diffusion models, in ddpo-pytorch's contract `fn(images, prompts, metadata) -> (rewards, info)`.
+"""ArtQuant as a reward for diffusion models, in ddpo-pytorch's contract
+`fn(images, prompts, metadata) -> (rewards, info)`.
 
 Two ways to ask for a reward, both backed by the scorer core:
 
@@ -13,6 +14,7 @@ Image forms (batched): a torch tensor [B, 3, H, W] (float in `value_range`, or u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +57,7 @@ def _check_value_range(value_range: Sequence[float]) -> tuple[float, float]:
 
 
 def _range_hint(low: float, high: float) -> str:
-    if low >= -2 and high <= 2 and (low < -1 or high > 1):
+    if -2 <= low < 0 and high <= 2 and (low < -1 or high > 1):
         return " A raw VAE decode overshoots [-1, 1]: clamp it first, as diffusers does (images.clamp(-1, 1))."
     if low >= -1 - RANGE_SLACK and low < -RANGE_SLACK and high <= 1 + RANGE_SLACK:
         return " They look like [-1, 1] (a VAE decode): pass value_range=(-1, 1)."
@@ -64,17 +66,22 @@ def _range_hint(low: float, high: float) -> str:
     return ""
 
 
+def non_finite_rows(images: torch.Tensor) -> torch.Tensor:
+    """[B] bool: which images of a batch hold a NaN or an infinity."""
+    return ~torch.isfinite(images.detach()).flatten(1).all(1)
+
+
 def to_unit_range(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     """Float images in `value_range` -> the same images in [0, 1] (differentiable).
 
     Raises when a value is NaN/infinite or lies outside the range by more than rounding (1e-3 in [0, 1] units).
     """
-    if not torch.isfinite(images).all():
-        bad = sorted({int(i) for i in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten()})
-        raise ValueError(f"images {bad} contain NaN or infinite values; check the sampler (e.g. fp16 VAE overflow).")
     low, high = value_range
-    unit = (images - low) / (high - low)
-    unit_low, unit_high = float(unit.detach().min()), float(unit.detach().max())
+    unit = images if value_range == (0.0, 1.0) else (images - low) / (high - low)
+    unit_low, unit_high = (float(v) for v in torch.aminmax(unit.detach()))  # NaN and inf show up here too
+    if not math.isfinite(unit_low) or not math.isfinite(unit_high):
+        bad = non_finite_rows(images).nonzero().flatten().tolist()
+        raise ValueError(f"images {bad} contain NaN or infinite values; check the sampler (e.g. fp16 VAE overflow).")
     if unit_low < -RANGE_SLACK or unit_high > 1 + RANGE_SLACK:
         seen_low, seen_high = float(images.detach().min()), float(images.detach().max())
         raise ValueError(
@@ -86,16 +93,21 @@ def to_unit_range(images: torch.Tensor, value_range: tuple[float, float]) -> tor
 
 def _batch_channels_first(array: torch.Tensor, layout: str) -> torch.Tensor:
     """[B, 3, H, W] from a batch in `layout` ("NCHW" or "NHWC"); explains a wrong layout or shape."""
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', not {layout!r}.")
     if array.ndim != 4:
-        raise ValueError(f"expected a batch of images [B, C, H, W] (torch) or [B, H, W, C] (numpy), got shape "
-                         f"{tuple(array.shape)}; add the batch dimension with images[None] for a single image.")
+        raise ValueError(
+            f"expected a batch of images [B, C, H, W] (torch) or [B, H, W, C] (numpy), got shape "
+            f"{tuple(array.shape)}; add the batch dimension with images[None] for a single image."
+        )
     channel_axis = 1 if layout == "NCHW" else 3
     if array.shape[channel_axis] != 3:
         other = "NHWC" if layout == "NCHW" else "NCHW"
         other_axis = 3 if layout == "NCHW" else 1
         hint = f" It looks {other}: pass layout={other!r}." if array.shape[other_axis] == 3 else ""
-        raise ValueError(f"expected {layout} RGB images (3 channels in dim {channel_axis}), got shape "
-                         f"{tuple(array.shape)}.{hint}")
+        raise ValueError(
+            f"expected {layout} RGB images (3 channels in dim {channel_axis}), got shape {tuple(array.shape)}.{hint}"
+        )
     return array if layout == "NCHW" else array.permute(0, 3, 1, 2)
 
 
@@ -109,7 +121,7 @@ class ArtQuantReward:
     errors: "raise" (any unreadable image raises, naming it) or "nan" (its reward is NaN, the reason is in
         `info["errors"]`, the others still count).
     gradient_checkpointing: recompute the scorer's layer activations in the backward pass of `differentiable`
-        instead of storing them (memory roughly one layer's worth instead of all of them, ~30% more compute).
+        instead of storing them (one layer's activations at a time instead of all, for one more forward pass).
 
     The scorer is frozen (`requires_grad=False` on every parameter) in place.
     """
@@ -149,13 +161,17 @@ class ArtQuantReward:
         `layout`: "NCHW" or "NHWC"; default NCHW for torch tensors and NHWC for numpy arrays, as ddpo-pytorch passes
         them. Prompts and metadata are not used: ArtQuant rates the image alone.
         """
-        results = self.scorer.score(self._scorer_inputs(images, layout), batch_size=self.batch_size)
+        inputs = self._scorer_inputs(images, layout)
+        layout_for_scorer = "BCHW" if isinstance(inputs, torch.Tensor) else "auto"
+        results = self.scorer.score(inputs, batch_size=self.batch_size, layout=layout_for_scorer)
         errors = [r.error for r in results]
         failed = [i for i, error in enumerate(errors) if error is not None]
         if failed and self.errors == "raise":
             reasons = "; ".join(f"image {i}: {errors[i]}" for i in failed)
-            raise ValueError(f"{len(failed)} of {len(results)} images could not be scored ({reasons}). "
-                             "Pass errors='nan' to get NaN rewards for them instead.")
+            raise ValueError(
+                f"{len(failed)} of {len(results)} images could not be scored ({reasons}). "
+                "Pass errors='nan' to get NaN rewards for them instead."
+            )
         scores = torch.tensor([r.score for r in results], dtype=torch.float32)
         info = {
             "score": scores,
@@ -175,15 +191,18 @@ class ArtQuantReward:
         if isinstance(images, np.ndarray):
             images, layout = torch.from_numpy(np.ascontiguousarray(images)), layout or "NHWC"
         if not isinstance(images, torch.Tensor):
-            raise ValueError(f"images must be a torch tensor, a numpy array or a list of PIL images, not "
-                             f"{type(images).__name__}.")
+            raise ValueError(
+                f"images must be a torch tensor, a numpy array or a list of PIL images, not {type(images).__name__}."
+            )
         batch = _batch_channels_first(images.detach().cpu(), layout or "NCHW")
         if batch.dtype == torch.uint8:
             return batch
         if not batch.is_floating_point():
             raise ValueError(f"images must be uint8 or float, not {batch.dtype}.")
-        nan_rows = ~torch.isfinite(batch).flatten(1).all(1)
-        finite = torch.where(nan_rows[:, None, None, None], 0.0, batch.float())
+        if all(math.isfinite(float(v)) for v in torch.aminmax(batch)):
+            return to_unit_range(batch, self.value_range)
+        nan_rows = non_finite_rows(batch)
+        finite = torch.where(nan_rows[:, None, None, None], 0.0, batch)
         unit = to_unit_range(finite, self.value_range)
         # NaN images stay NaN so that the scorer reports them one by one instead of losing the whole batch.
         return torch.where(nan_rows[:, None, None, None], float("nan"), unit)
@@ -198,8 +217,10 @@ class ArtQuantReward:
         Use `-reward.differentiable(x).mean()` as a loss.
         """
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            raise ValueError("differentiable() takes float torch images [B, 3, H, W]; convert uint8/PIL images to "
-                             "float first (they carry no gradient anyway).")
+            raise ValueError(
+                "differentiable() takes float torch images [B, 3, H, W]; convert uint8/PIL images to "
+                "float first (they carry no gradient anyway)."
+            )
         value_range = self.value_range if value_range is None else _check_value_range(value_range)
         unit = to_unit_range(_batch_channels_first(images, "NCHW"), value_range)
         self._prepare_for_gradients()

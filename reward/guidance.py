@@ -22,9 +22,11 @@ def check_scheduler(scheduler) -> None:
     """Raises unless `scheduler` is a variance-preserving scheduler with epsilon or v prediction."""
     name = type(scheduler).__name__
     if getattr(scheduler, "alphas_cumprod", None) is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-        raise ValueError(f"reward guidance needs a variance-preserving scheduler (DDIM, DDPM, PNDM, DPM-Solver, UniPC, "
-                         f"DEIS); {name} is sigma-parameterised. Swap it: pipe.scheduler = DDIMScheduler.from_config("
-                         "pipe.scheduler.config).")
+        raise ValueError(
+            f"reward guidance needs a variance-preserving scheduler (DDIM, DDPM, PNDM, DPM-Solver, UniPC, "
+            f"DEIS); {name} is sigma-parameterised. Swap it: pipe.scheduler = DDIMScheduler.from_config("
+            "pipe.scheduler.config)."
+        )
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"reward guidance supports prediction_type {PREDICTION_TYPES}, not {prediction_type!r}.")
@@ -79,8 +81,10 @@ class RewardGuidance:
             return callback_kwargs
         missing = [name for name in self.tensor_inputs if name not in callback_kwargs]
         if missing:
-            raise ValueError(f"reward guidance needs {missing} from the pipeline: pass "
-                             "callback_on_step_end_tensor_inputs=guidance.tensor_inputs.")
+            raise ValueError(
+                f"reward guidance needs {missing} from the pipeline: pass "
+                "callback_on_step_end_tensor_inputs=guidance.tensor_inputs."
+            )
         check_scheduler(pipe.scheduler)
         latents = callback_kwargs["latents"]
         callback_kwargs["latents"] = latents + self.scale * self.reward_gradient(
@@ -88,20 +92,26 @@ class RewardGuidance:
         ).to(latents.dtype)
         return callback_kwargs
 
-    def reward_gradient(self, pipe, latents: torch.Tensor, step_index: int, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def reward_gradient(
+        self, pipe, latents: torch.Tensor, step_index: int, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """d reward(decode(x0(latents))) / d latents, the latents being those after denoising step `step_index`."""
         timesteps = pipe.scheduler.timesteps
         # The latents now belong to the next timestep; after the last step they are the clean latent.
         next_timestep = timesteps[step_index + 1] if step_index + 1 < len(timesteps) else None
         with torch.no_grad():
             guidance_scale = pipe.guidance_scale if getattr(pipe, "do_classifier_free_guidance", False) else None
-            model_output = None if next_timestep is None else noise_prediction(
-                pipe.unet, pipe.scheduler, latents, next_timestep, prompt_embeds, guidance_scale
+            model_output = (
+                None
+                if next_timestep is None
+                else noise_prediction(pipe.unet, pipe.scheduler, latents, next_timestep, prompt_embeds, guidance_scale)
             )
         with torch.enable_grad():
             noisy = latents.detach().float().requires_grad_(True)
-            clean = noisy if next_timestep is None else predict_clean_latents(
-                pipe.scheduler, noisy, next_timestep, model_output.float()
+            clean = (
+                noisy
+                if next_timestep is None
+                else predict_clean_latents(pipe.scheduler, noisy, next_timestep, model_output.float())
             )
             vae = pipe.vae
             image = vae.decode((clean / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]

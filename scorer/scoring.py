@@ -118,7 +118,8 @@ class ArtQuantScorer:
         output = self.model(
             input_ids=input_ids, pixel_values=pixel_values.to(self.device, self.dtype), logits_to_keep=1, use_cache=False
         )
-        return output.logits[:, -1].float()
+        logits = output.logits[:, -1]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for a float64 model
 
     def scores_from_logits(self, logits: torch.Tensor, open_set: bool = False) -> LevelScores:
         level_probs = torch.softmax(logits[:, self.level_ids], dim=-1)

@@ -61,3 +61,14 @@ def lora_scorer(reference_dir):
     from artquant import ArtQuantScorer
 
     return ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one thread is as fast, immune to a busy machine, and sums in a fixed order."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
