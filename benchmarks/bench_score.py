@@ -47,13 +47,16 @@ def baseline_scores(scorer: ArtQuantScorer, processor, paths: list[Path]) -> lis
     return scores
 
 
-def timed(function, repeats: int) -> tuple[float, object]:
-    times, result = [], None
+def paired_timings(baseline, ours, repeats: int) -> list[tuple[float, float]]:
+    """(baseline seconds, ours seconds) per repeat, measured back to back so both see the same machine load."""
+    pairs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        baseline()
+        middle = time.perf_counter()
+        ours()
+        pairs.append((middle - start, time.perf_counter() - middle))
+    return pairs
 
 
 def main() -> None:
@@ -61,7 +64,8 @@ def main() -> None:
     parser.add_argument("--reference", default=os.environ.get("ARTQUANT_REFERENCE", DEFAULT_REFERENCE))
     parser.add_argument("--images", type=int, default=64, help="images per timed run (the fixture's six, repeated)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
 
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -72,17 +76,22 @@ def main() -> None:
     photos = sorted((reference / "images").iterdir())
     paths = [photos[i % len(photos)] for i in range(args.images)]
 
-    scorer.score(paths[: args.batch_size], batch_size=args.batch_size)  # warm-up
-    baseline_s, expected = timed(lambda: baseline_scores(scorer, processor, paths), args.repeats)
-    ours_s, results = timed(lambda: scorer.score(paths, batch_size=args.batch_size), args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    expected = baseline_scores(scorer, processor, paths)  # also the warm-up
+    results = scorer.score(paths, batch_size=args.batch_size)
     worst = max(abs(r.score - e) for r, e in zip(results, expected))
+    pairs = paired_timings(
+        lambda: baseline_scores(scorer, processor, paths), lambda: scorer.score(paths, batch_size=args.batch_size), args.repeats
+    )
     report = {
         "machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "images": args.images,
         "batch_size": args.batch_size,
-        "baseline_images_per_s": args.images / baseline_s,
-        "ours_images_per_s": args.images / ours_s,
-        "speedup": baseline_s / ours_s,
+        "baseline_images_per_s": args.images / statistics.median(b for b, _ in pairs),
+        "ours_images_per_s": args.images / statistics.median(o for _, o in pairs),
+        "speedup_median_of_pairs": statistics.median(b / o for b, o in pairs),
+        "speedup_range": [min(b / o for b, o in pairs), max(b / o for b, o in pairs)],
         "max_score_difference": worst,
     }
     print(json.dumps(report, indent=2))
