@@ -150,6 +150,21 @@ def command_convert(args) -> int:
     return 0
 
 
+def command_train(args) -> int:
+    from .training import run_training
+
+    return run_training(args.config, args.overrides)
+
+
+def command_eval(args) -> int:
+    from .training import run_evaluation
+
+    return run_evaluation(
+        args.model or None, args.data, base=args.base, out=args.out, image_folder=args.image_folder,
+        batch_size=args.batch_size, preset=args.preset, device=args.device, dtype=args.dtype, plots=not args.no_plots,
+    )
+
+
 def command_best_of_n(args) -> int:
     import torch
 
@@ -202,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(convert)
     convert.add_argument("--out", required=True, help="output folder")
     convert.set_defaults(run=command_convert)
+
+    train = commands.add_parser("train", help="RAD-based fine-tuning from a YAML config (runs under accelerate launch)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value pairs that override the config")
+    train.set_defaults(run=command_train)
+
+    evaluate = commands.add_parser("eval", help="SRCC, PLCC, MAE, MSE, level accuracy, plots and a JSON report")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--data", required=True, help="score JSON (reference format), CSV or JSONL of image, score")
+    evaluate.add_argument("--image-folder", default="", help="folder the data's image paths are relative to")
+    evaluate.add_argument("--out", default="artquant-eval", help="folder for report.json, scatter.png, histogram.png")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--no-plots", action="store_true")
+    evaluate.set_defaults(run=command_eval)
 
     best_of_n = commands.add_parser("best-of-n", help="generate n images with a diffusers pipeline, keep them ranked")
     _add_model_arguments(best_of_n)

@@ -21,7 +21,8 @@ from .modeling_mplug_owl2 import MPLUGOwl2LlamaForCausalLM
 from .preprocessing import ImageProcessingConfig
 from .tokenizer import PromptTokenizer
 
-NON_LORA_WEIGHTS = "non_lora_trainables.bin"  # the reference's vision tower + abstractor of a LoRA release
+# The fully trained vision tower + abstractor of a LoRA release: ours in safetensors, else the reference's pickle.
+NON_LORA_WEIGHTS = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -185,13 +186,17 @@ def _apply_lora(model, lora: str, merge: bool):
     return model.merge_and_unload() if merge else model
 
 
+def save_processing_files(checkpoint: LoadedCheckpoint, out: str | os.PathLike) -> None:
+    """The tokenizer and the preprocessor settings, so that a folder loads without its base."""
+    shutil.copyfile(checkpoint.tokenizer.model_file, Path(out) / "tokenizer.model")
+    (Path(out) / "preprocessor_config.json").write_text(json.dumps(checkpoint.image_config.to_dict(), indent=2))
+
+
 def save_checkpoint(checkpoint: LoadedCheckpoint, out: str | os.PathLike) -> None:
     """A full checkpoint folder (config, safetensors weights, tokenizer, preprocessor) that loads without peft."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     checkpoint.model.save_pretrained(out)
-    shutil.copyfile(checkpoint.tokenizer.model_file, out / "tokenizer.model")
-    (out / "preprocessor_config.json").write_text(json.dumps(checkpoint.image_config.to_dict(), indent=2))
+    save_processing_files(checkpoint, out)
 
 
 def load_checkpoint(
@@ -218,7 +223,7 @@ def load_checkpoint(
         release_config = find_file(model, "config.json", required=False)
         config = MplugOwl2Config.from_pretrained(str(release_config.parent)) if release_config else None
         network = _load_full_model(base, dtype, config, quantization)
-        non_lora = find_file(model, NON_LORA_WEIGHTS, required=False)
+        non_lora = next((f for f in (find_file(model, name, required=False) for name in NON_LORA_WEIGHTS) if f), None)
         if non_lora is not None:
             state = _non_lora_state_dict(load_weights_file(non_lora))
             result = network.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)

@@ -15,14 +15,18 @@ SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "rocket", "chelsea", "moon", 
                   "grass", "gravel", "immunohistochemistry", "hubble_deep_field", "colorwheel", "cell")
 
 
-def build_tiny_model(reference_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A random mPLUG-Owl2 at 56 px (the fixture's shape) with the fixture's tokenizer, saved as a checkpoint."""
+def build_tiny_model(reference_dir: Path, out: Path, seed: int = 0, initializer_range: float = 0.1) -> Path:
+    """A random mPLUG-Owl2 at 56 px (the fixture's shape) with the fixture's tokenizer, saved as a checkpoint.
+
+    At the usual 0.02 init the random abstractor lets almost nothing of the image through (its outputs differ by
+    ~0.1% between images), so a few hundred CPU steps cannot learn; 0.1 keeps the image visible."""
     import torch
 
     from artquant.scorer import MPLUGOwl2LlamaForCausalLM, MplugOwl2Config
 
     torch.manual_seed(seed)
     config = MplugOwl2Config.from_pretrained(str(reference_dir / "mplug_owl2_base"))
+    config.initializer_range = initializer_range
     MPLUGOwl2LlamaForCausalLM(config).save_pretrained(out)
     for name in ("tokenizer.model", "preprocessor_config.json"):
         shutil.copyfile(reference_dir / "mplug_owl2_base" / name, out / name)
@@ -48,9 +52,9 @@ def source_photos(reference_dir: Path, size: int = 96) -> list[np.ndarray]:
 
 
 def degrade(photo: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise with a standard deviation of up to 80 grey levels."""
-    noisy = photo.astype(np.float64) + rng.normal(0, 80 * strength, photo.shape)
-    return noisy.clip(0, 255).astype(np.uint8)
+    """Haze: the photo faded towards flat grey by `strength` (0..1), plus a little sensor noise."""
+    faded = (1 - 0.9 * strength) * photo.astype(np.float64) + 0.9 * strength * 128.0
+    return (faded + rng.normal(0, 3, photo.shape)).clip(0, 255).astype(np.uint8)
 
 
 def rating(strength: float) -> float:
@@ -58,9 +62,9 @@ def rating(strength: float) -> float:
 
 
 def description(strength: float) -> str:
-    amount = "no visible" if strength < 0.15 else "light" if strength < 0.45 else "strong" if strength < 0.75 else "heavy"
-    return (f"Perception: the photo shows {amount} noise. Cognition: the noise hides fine detail. "
-            f"Emotion: it feels {'clean' if strength < 0.45 else 'rough'}.")
+    amount = "no" if strength < 0.15 else "a light" if strength < 0.45 else "a strong" if strength < 0.75 else "a heavy"
+    return (f"Perception: the photo has {amount} grey haze. Cognition: the haze flattens contrast and colour. "
+            f"Emotion: it feels {'vivid' if strength < 0.45 else 'dull'}.")
 
 
 def write_task(root: Path, photos: list[np.ndarray], per_photo: int, seed: int) -> dict[str, Path]:

@@ -58,7 +58,7 @@ class TrainingConfig:
     resume: bool = True  # continue from the newest checkpoint in output_dir
     eval_steps: int = 0
     logging_steps: int = 10
-    reference_layout: bool = True  # also write non_lora_trainables.bin as the reference does
+    reference_layout: bool = False  # also write non_lora_trainables.bin, for users of the reference code
     tensorboard: bool = True
 
     @property

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..scorer.checkpoint import NON_LORA_WEIGHTS, load_checkpoint, resolve_device_and_dtype
+from ..scorer.checkpoint import NON_LORA_WEIGHTS, load_checkpoint, resolve_device_and_dtype, save_processing_files
 from ..scorer.levels import ARTQUANT_LEVELS
 from .config import ConfigError, TrainingConfig, load_config
 from .data import ANSWER_PREFIX, ConversationDataset, DataError, SplitByTask, mix_datasets
@@ -26,7 +26,7 @@ from .loss import ArtQuantLoss
 
 logger = logging.getLogger(__name__)
 
-NON_LORA_SAFETENSORS = "non_lora_trainables.safetensors"
+NON_LORA_SAFETENSORS, REFERENCE_NON_LORA = NON_LORA_WEIGHTS  # ours, and the reference's pickle
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's own parameter names
@@ -52,10 +52,8 @@ class SeededShuffle(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-def build_network(config: TrainingConfig, dtype: torch.dtype):
-    """The base mPLUG-Owl2 with LoRA and the trainable parts set as configured; trainable weights kept in fp32."""
-    checkpoint = load_checkpoint(config.base_model, dtype=dtype)
-    network = checkpoint.model
+def prepare_for_training(network, config: TrainingConfig):
+    """LoRA (or full fine-tuning) and the trainable vision parts as configured; trainable weights in fp32."""
     network.config.use_cache = False
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -75,35 +73,34 @@ def build_network(config: TrainingConfig, dtype: torch.dtype):
     if config.gradient_checkpointing:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     network.train()
-    return network, checkpoint
+    return network
 
 
-def trainable_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in network.named_parameters() if p.requires_grad}
+def build_network(config: TrainingConfig, dtype: torch.dtype):
+    """The base checkpoint prepared for training, and the loaded checkpoint (tokenizer, image config)."""
+    checkpoint = load_checkpoint(config.base_model, dtype=dtype)
+    return prepare_for_training(checkpoint.model, config), checkpoint
 
 
-def save_release(network, checkpoint, out: str | Path, lora: bool, reference_layout: bool) -> Path:
+def save_release(network, checkpoint, out: str | Path, lora: bool, reference_layout: bool,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A release `ArtQuantScorer.from_pretrained(out, base=...)` loads: the peft adapter (safetensors), the trained
     vision model / abstractor as `non_lora_trainables.safetensors` (plain model keys), config, tokenizer,
-    preprocessor. `reference_layout` adds the reference's `non_lora_trainables.bin` (keys `base_model.model.*`)."""
+    preprocessor; a full checkpoint when trained without LoRA. `reference_layout` adds the reference's
+    `non_lora_trainables.bin` (keys `base_model.model.*`). `state_dict`: gathered weights (ZeRO-3 / FSDP)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not lora:
-        network.save_pretrained(out)
-    else:
-        network.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+    state = state_dict if state_dict is not None else network.state_dict()
+    network.save_pretrained(out, state_dict=state)  # LoRA: adapter_config.json + adapter_model.safetensors
+    if lora:
         network.get_base_model().config.save_pretrained(out)
-        non_lora = {
-            name.removeprefix(PEFT_PREFIX): tensor.contiguous().cpu()
-            for name, tensor in trainable_state_dict(network).items()
-            if "lora_" not in name
-        }
+        trained = [name for name, p in network.named_parameters() if p.requires_grad and "lora_" not in name]
+        non_lora = {name.removeprefix(PEFT_PREFIX): state[name].detach().contiguous().cpu() for name in trained}
         if non_lora:
             save_file(non_lora, str(out / NON_LORA_SAFETENSORS))
             if reference_layout:
-                torch.save({PEFT_PREFIX + k: v.clone() for k, v in non_lora.items()}, out / NON_LORA_WEIGHTS)
-    shutil.copyfile(checkpoint.tokenizer.model_file, out / "tokenizer.model")
-    (out / "preprocessor_config.json").write_text(json.dumps(checkpoint.image_config.to_dict(), indent=2))
+                torch.save({PEFT_PREFIX + k: v.clone() for k, v in non_lora.items()}, out / REFERENCE_NON_LORA)
+    save_processing_files(checkpoint, out)
     return out
 
 
@@ -175,7 +172,7 @@ def _accelerator(config: TrainingConfig):
 
 def train(config: TrainingConfig) -> Path:
     """Runs (or resumes) the training described by `config`; returns the release folder."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
     accelerator, tracking = _accelerator(config)
@@ -190,6 +187,9 @@ def train(config: TrainingConfig) -> Path:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=SeededShuffle(len(dataset), config.seed),
         collate_fn=SplitByTask(tokenizer.unk_token_id), num_workers=config.num_workers,
+        # Its own generator: starting an epoch must not draw from the global RNG that dropout uses, or a resumed
+        # run (which starts its epoch after restoring that RNG) would drop different units.
+        generator=torch.Generator().manual_seed(config.seed),
     )
     level_ids = [tokenizer.word_token_id(w) for w in ARTQUANT_LEVELS]
     model = ArtQuantLoss(network, level_ids, tokenizer.encode(ANSWER_PREFIX), config.loss_weights)
@@ -202,11 +202,16 @@ def train(config: TrainingConfig) -> Path:
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step on every process
     accelerator.register_save_state_pre_hook(_keep_only_trainable(model, accelerator))
+    accelerator.print(f"{len(dataset)} samples, {accelerator.num_processes} process(es), {steps_per_epoch} steps per "
+                      f"epoch, {total_steps} steps.")
 
+    output_dir.mkdir(parents=True, exist_ok=True)
     step = 0
     resume_from = latest_checkpoint(output_dir) if config.resume else None
     if resume_from is not None:
-        accelerator.load_state(str(resume_from), strict=False)
+        # Checkpoints hold the trained weights only (see _keep_only_trainable); DeepSpeed loads its own way.
+        partial = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+        accelerator.load_state(str(resume_from), **partial)
         step = json.loads((resume_from / TRAINER_STATE).read_text())["global_step"]
         accelerator.print(f"Resuming from {resume_from} at step {step}.")
     if tracking:
@@ -229,10 +234,14 @@ def train(config: TrainingConfig) -> Path:
             step += 1
             progress.update(1)
             if step % config.logging_steps == 0 or step == total_steps:
-                logs = {**running.flush(), "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch}
+                logs = {**_across_processes(accelerator, running.flush()), "lr": scheduler.get_last_lr()[0],
+                        "epoch": step / steps_per_epoch}
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=step)
-                logger.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in logs.items()}))
+                if accelerator.is_main_process:
+                    with (output_dir / "train_log.jsonl").open("a") as handle:
+                        handle.write(json.dumps({"step": step, **logs}) + "\n")
+                    logger.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in logs.items()}))
             if config.eval_steps and step % config.eval_steps == 0:
                 evaluation(step)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
@@ -244,8 +253,12 @@ def train(config: TrainingConfig) -> Path:
         logger.warning("%d samples were skipped because their images could not be read.", skipped)
     save_training_state(accelerator, output_dir, step, config.save_total_limit)
     release = output_dir / "release"
+    state = accelerator.get_state_dict(model)  # every process takes part: ZeRO-3 / FSDP gather the shards here
     if accelerator.is_main_process:
-        save_release(accelerator.unwrap_model(model).network, checkpoint, release, config.lora, config.reference_layout)
+        state = {name.removeprefix("network."): tensor for name, tensor in state.items()}
+        save_release(accelerator.unwrap_model(model).network, checkpoint, release, config.lora, config.reference_layout,
+                     state)
+    accelerator.print(f"Release written to {release}")
     if config.eval_steps and step % config.eval_steps:
         evaluation(step)
     accelerator.wait_for_everyone()
@@ -253,11 +266,23 @@ def train(config: TrainingConfig) -> Path:
     return release
 
 
+def _across_processes(accelerator, logs: dict[str, float]) -> dict[str, float]:
+    """Loss terms averaged over the processes, throughput summed (every process must call this)."""
+    if accelerator.num_processes == 1:
+        return logs
+    names = sorted(logs)
+    values = accelerator.reduce(torch.tensor([logs[n] for n in names], device=accelerator.device), reduction="mean")
+    merged = dict(zip(names, values.tolist()))
+    if "samples_per_second" in merged:
+        merged["samples_per_second"] *= accelerator.num_processes
+    return merged
+
+
 def _optimizer_step(accelerator, model, optimizer, scheduler, group, config, running) -> int:
     """Forward/backward over the micro-batches of one optimizer step; returns how many samples were skipped."""
     skipped = 0
     usable = [b for b in group if b["num_samples"]]
-    for index, batch in enumerate(group):
+    for batch in group:
         for message in batch["skipped"]:
             logger.warning("skipped a sample: %s", message)
         skipped += len(batch["skipped"])
@@ -308,9 +333,8 @@ def run_training(config_path: str | None, overrides: list[str] = ()) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path, list(overrides))
-        release = train(config)
+        train(config)
     except (ConfigError, DataError) as error:
         logger.error("%s", error)
         return 2
-    print(f"Release written to {release}")
     return 0
