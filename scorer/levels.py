@@ -47,7 +47,7 @@ def hard_label(score: float, levels: Sequence[str] = ARTQUANT_LEVELS, thresholds
 # decided by the optimiser's path. Below is that path for all scores at once: the same forward-difference gradient,
 # the same L-BFGS directions and the same Moré-Thuente line search (MINPACK-2's dcsrch/dcstep) with L-BFGS-B's
 # settings. The fixture's table is met to 3e-6; on random scores 99% agree with scipy to 1e-4, the rest (where
-# scipy's line search fails and it restarts, which is not replayed) to 2e-3. 70,000 distinct scores take ~2 s.
+# scipy's line search fails and it restarts, which is not replayed) to 2e-3. 70,000 distinct scores take ~1.8 s.
 _FD_STEP = 1e-8  # scipy's default absolute finite-difference step for L-BFGS-B
 _LINE_SEARCH = {"ftol": 1e-3, "gtol": 0.9, "xtol": 0.1, "max_evaluations": 20}
 _FACTR_EPS = 1e7 * 2.220446049250313e-16  # scipy's default ftol for L-BFGS-B (factr * machine epsilon)
@@ -56,9 +56,9 @@ _PGTOL = 1e-5
 
 def _gaussian_level_mean(values: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """[N] -> [N] expected level value under the Gaussian density at `values`, normalised over the levels."""
-    log_density = -0.5 * ((values - mu[:, None]) / sigma[:, None]) ** 2
+    log_density = ((values - mu[:, None]) / sigma[:, None]).square_().mul_(-0.5)  # in place: this is the hot loop
     # Levels below e^-700 of the largest add nothing; clamping keeps exp() out of slow subnormal arithmetic.
-    density = (log_density - log_density.amax(-1, keepdim=True)).clamp_min(-700.0).exp()
+    density = log_density.sub_(log_density.amax(-1, keepdim=True)).clamp_min_(-700.0).exp_()
     return (density @ values) / density.sum(-1)
 
 
@@ -163,7 +163,9 @@ def _line_search(values, target, x, f, g, direction, stpmax):
         stp = torch.where(bracketed & ((stp <= stmin) | (stp >= stmax) | (stmax - stmin <= xtol * stmax)), stx, stp)
         state.update(stp=stp, stx=stx, fx=fx, gx=gx, sty=sty, fy=fy, gy=gy, bracketed=bracketed, stage_one=stage_one,
                      stmin=stmin, stmax=stmax, width=width, width1=width1)
-        state = {k: v[~done] for k, v in state.items()}
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)  # one index for all twenty tensors, not a mask each
+            state = {k: v.index_select(0, keep) for k, v in state.items()}
     return new_x, new_f, new_g, finished
 
 
