@@ -101,3 +101,26 @@ def test_config_file_and_overrides(tmp_path):
         load_config(config_file, ["lora_r=big"])
     with pytest.raises(ConfigError, match="precision"):
         load_config(config_file, ["precision=int8"])
+
+
+def test_evaluation_metrics_against_their_definitions():
+    import numpy as np
+    from scipy.stats import kendalltau, pearsonr, spearmanr
+
+    from artquant.training.evaluate import fit_logistic, score_metrics
+
+    rng = np.random.default_rng(0)
+    predicted = rng.uniform(-6, 6, 200)
+    # Human scores a logistic function of the prediction: the fit must straighten it, rank metrics must not care.
+    truth = 1 + 9 / (1 + np.exp(-predicted)) + rng.normal(0, 0.05, 200)
+    metrics = score_metrics(predicted, truth)
+    assert metrics["n"] == 200
+    assert metrics["srcc"] == pytest.approx(spearmanr(predicted, truth)[0])
+    assert metrics["krcc"] == pytest.approx(kendalltau(predicted, truth)[0])
+    assert metrics["plcc"] == pytest.approx(pearsonr(predicted, truth)[0])
+    assert metrics["plcc_logistic"] > metrics["plcc"] + 0.02 and metrics["plcc_logistic"] > 0.99
+    assert metrics["mae"] == pytest.approx(np.abs(predicted - truth).mean())
+    assert metrics["mse"] == pytest.approx(((predicted - truth) ** 2).mean())
+    # Same level for every image (hard labels of both sides agree) only when predictions equal the truth.
+    assert score_metrics(truth, truth)["level_accuracy"] == 1.0
+    assert fit_logistic(np.ones(5), np.arange(5.0)).shape == (5,), "a flat prediction must not crash the fit"

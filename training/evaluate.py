@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +31,20 @@ def read_scored_images(spec: DatasetSpec) -> tuple[list[str], list[float]]:
 
 def logistic_4(x, beta1, beta2, beta3, beta4):
     """VQEG's monotonic mapping used before PLCC: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2."""
-    return (beta1 - beta2) / (1 + np.exp(-(x - beta3) / abs(beta4))) + beta2
+    from scipy.special import expit  # overflow-free 1 / (1 + exp(-t))
+
+    return (beta1 - beta2) * expit((x - beta3) / abs(beta4)) + beta2
 
 
 def fit_logistic(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Predictions mapped by the least-squares 4-parameter logistic (identity if the fit fails)."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     start = [truth.max(), truth.min(), predicted.mean(), predicted.std() / 4 or 1.0]
     try:
-        params, _ = curve_fit(logistic_4, predicted, truth, p0=start, maxfev=10000)
+        with warnings.catch_warnings():  # an unestimable covariance is expected on flat predictions; it is unused
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(logistic_4, predicted, truth, p0=start, maxfev=10000)
     except (RuntimeError, ValueError):
         return predicted
     return logistic_4(predicted, *params)

@@ -71,7 +71,7 @@ def prepare_for_training(network, config: TrainingConfig):
         if parameter.requires_grad:
             parameter.data = parameter.data.float()  # fp32 master weights; autocast runs the matmuls in bf16/fp16
     if config.gradient_checkpointing:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     network.train()
     return network
 
