@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one go, for a lent GPU machine: each script's report goes to $OUT (default
+# benchmarks/results/). The models are 7B-shaped with random weights, so nothing is downloaded.
+# Expects the project installed (pip install -e ".[test]") with a CUDA build of torch.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1
+status=0
+run() {  # name, command...: keeps going after a failure so one broken script does not hide the others
+    local name=$1; shift
+    echo "== $name"
+    "$@" > "$out/$name.txt" 2>&1 || { status=1; echo "   failed (see $out/$name.txt)"; }
+    tail -n 30 "$out/$name.txt"
+}
+run gpu_score python benchmarks/gpu_score.py --out "$out/gpu_score.json"
+run gpu_reward python benchmarks/gpu_reward.py
+run gpu_train python benchmarks/gpu_train.py
+exit $status
