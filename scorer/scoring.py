@@ -70,7 +70,6 @@ class ArtQuantScorer:
         self.device = device
         self.dtype = dtype
         self.source = checkpoint.source
-        self.checkpoint = checkpoint
         self.prompt_ids = torch.tensor(self.tokenizer.encode_with_images(preset.prompt()), device=device)
         self.level_ids = torch.tensor([self.tokenizer.word_token_id(w) for w in preset.level_names], device=device)
 
@@ -107,7 +106,7 @@ class ArtQuantScorer:
         """Writes the (merged) model as a safetensors checkpoint folder that `from_pretrained` loads without peft."""
         if hasattr(self.model, "merge_and_unload"):
             raise ValueError("This scorer holds an unmerged LoRA adapter: load it with merge_lora=True to save it.")
-        save_checkpoint(self.checkpoint, out)
+        save_checkpoint(LoadedCheckpoint(self.model, self.tokenizer, self.image_config, self.source), out)
 
     # ----------------------------------------------------------------------------------------------------------
     # Scoring
