@@ -260,15 +260,17 @@ class MultiwayNetwork(nn.Module):
         super().__init__()
         self.multiway = nn.ModuleList([make_module() for _ in range(num_multiway)])
 
-    def forward(self, hidden_states: torch.Tensor, visual_positions: torch.Tensor | None) -> torch.Tensor:
-        """`visual_positions`: flat indices into `hidden_states.flatten(0, 1)` of the visual tokens, or None."""
-        text_output = self.multiway[TEXT](hidden_states)
-        if visual_positions is None:
-            return text_output
+    def forward(self, hidden_states: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """`routing`: flat indices into `hidden_states.flatten(0, 1)` of the (text, visual) tokens; None: all text."""
+        if routing is None:
+            return self.multiway[TEXT](hidden_states)
         flat = hidden_states.flatten(0, 1)
-        visual_output = self.multiway[VISUAL](flat.index_select(0, visual_positions))
-        # Computing the text branch densely and overwriting the few visual rows avoids a gather of every text token.
-        return text_output.flatten(0, 1).index_copy(0, visual_positions, visual_output).view_as(text_output)
+        # Each token goes through its own branch only: in a scoring prompt most tokens are visual.
+        outputs = [self.multiway[branch](flat.index_select(0, positions)) for branch, positions in enumerate(routing)]
+        merged = outputs[TEXT].new_empty(flat.shape[0], outputs[TEXT].shape[-1])
+        for positions, output in zip(routing, outputs):
+            merged.index_copy_(0, positions, output)
+        return merged.view(*hidden_states.shape[:-1], -1)
 
 
 class MplugOwl2Attention(nn.Module):
@@ -288,12 +290,12 @@ class MplugOwl2Attention(nn.Module):
         self.v_proj = MultiwayNetwork(lambda: nn.Linear(config.hidden_size, kv_width, bias=bias))
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, visual_positions, position_embeddings, attention_mask, cache=None, **kwargs):
+    def forward(self, hidden_states, routing, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states, visual_positions).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states, visual_positions).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states, routing).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states, routing).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
@@ -322,14 +324,14 @@ class MplugOwl2DecoderLayer(GradientCheckpointingLayer):
             lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         )
 
-    def forward(self, hidden_states, visual_positions, position_embeddings, attention_mask, cache=None, **kwargs):
+    def forward(self, hidden_states, routing, position_embeddings, attention_mask, cache=None, **kwargs):
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states, visual_positions)
+        hidden_states = self.input_layernorm(hidden_states, routing)
         hidden_states = residual + self.self_attn(
-            hidden_states, visual_positions, position_embeddings, attention_mask, cache, **kwargs
+            hidden_states, routing, position_embeddings, attention_mask, cache, **kwargs
         )
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states, visual_positions)
+        hidden_states = self.post_attention_layernorm(hidden_states, routing)
         return residual + self.mlp(hidden_states)
 
 
@@ -398,9 +400,10 @@ class MplugOwl2LlamaModel(MplugOwl2PreTrainedModel):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        visual_positions = None
+        routing = None  # computed once here rather than in every layer
         if modality_indicators is not None and bool(modality_indicators.any()):
-            visual_positions = modality_indicators.flatten().nonzero().squeeze(1)
+            is_visual = modality_indicators.flatten() == VISUAL
+            routing = ((~is_visual).nonzero().squeeze(1), is_visual.nonzero().squeeze(1))
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -411,7 +414,7 @@ class MplugOwl2LlamaModel(MplugOwl2PreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, visual_positions, position_embeddings, causal_mask, cache, **kwargs)
+            hidden_states = layer(hidden_states, routing, position_embeddings, causal_mask, cache, **kwargs)
         return self.norm(hidden_states), cache
 
 
