@@ -34,9 +34,9 @@ class TrainingConfig:
     tune_visual_abstractor: bool = True
     tune_vision_model: bool = True
     # loss
-    weight_desp: float = 1.0
-    weight_next_token: float = 0.05
-    weight_softkl: float = 1.0
+    weight_desp: float = LossWeights.description  # the paper's defaults live in one place, training/loss.py
+    weight_next_token: float = LossWeights.next_token
+    weight_softkl: float = LossWeights.softkl
     # optimisation
     learning_rate: float = 2e-5
     weight_decay: float = 0.0
