@@ -129,7 +129,26 @@ def command_score(args) -> int:
             shown = "error: " + row["error"] if row["error"] else f"{row['score']:.4f} ± {row['std']:.4f}"
             print(f"{row['path']}\t{shown}")
     print(_summary(writer.rows, len(paths) - len(todo)), file=sys.stderr)
+    if args.report and _write_report(out or writer.rows, args.report) != 0:
+        return 2
     return 0 if all(r["error"] is None for r in writer.rows) else 1
+
+
+def _write_report(source, folder: str, **options) -> int:
+    from .report import ReportInputError, write_report
+
+    try:
+        page = write_report(source, folder, progress=True, **options)
+    except ReportInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report written to {page}", file=sys.stderr)
+    return 0
+
+
+def command_report(args) -> int:
+    return _write_report(args.scores, args.out, descriptions=args.descriptions, image_root=args.image_root,
+                         thumbnail_size=args.thumbnail_size, title=args.title)
 
 
 def command_describe(args) -> int:
@@ -204,7 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--out", help="results.csv or results.jsonl (JSONL resumes: a rerun skips scored images)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument("--report", metavar="DIR", help="also write an HTML report of the scores into DIR (see artquant report)")
     score.set_defaults(run=command_score)
+
+    report = commands.add_parser("report", help="a static HTML page of scores: thumbnails by score, histogram, filters")
+    report.add_argument("scores", help="scores .csv, .jsonl or .parquet, or the folder of artquant eval or best-of-n")
+    report.add_argument("--out", default="artquant-report", help="folder for index.html and thumbs/ (default: artquant-report)")
+    report.add_argument("--descriptions", help="JSONL written by artquant describe, shown beside the images")
+    report.add_argument("--image-root", help="folder the relative image paths are under (default: the working directory, else the scores file's folder)")
+    report.add_argument("--thumbnail-size", type=int, default=256, help="longest side of the thumbnails in pixels (default 256)")
+    report.add_argument("--title", help="page title (default: from the scores file)")
+    report.set_defaults(run=command_report)
 
     describe = commands.add_parser("describe", help="generate aesthetic descriptions")
     describe.add_argument("paths", nargs="+")
