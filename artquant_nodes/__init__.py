@@ -1,11 +1,16 @@
-"""ComfyUI nodes for ArtQuant: load a scorer once, then score, rank, filter, describe and annotate images.
+"""ComfyUI nodes for ArtQuant: load a scorer, then score, rank, filter, describe, annotate, and guide sampling.
 
-Importable without ComfyUI (the nodes are plain classes); inside ComfyUI it also registers models/artquant/.
+Importing this package never imports ComfyUI: the V3 node classes (nodes.py) load only when ComfyUI calls
+`comfy_entrypoint`. The node logic lives below them, in operations.py, guidance.py and model_handle.py.
 """
 
-from .model_handle import register_model_folder
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-register_model_folder()
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: registers models/artquant/ and returns the extension with every ArtQuant node."""
+    from .nodes import ArtQuantExtension, register_model_folder
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    register_model_folder()
+    return ArtQuantExtension()
+
+
+__all__ = ["comfy_entrypoint"]

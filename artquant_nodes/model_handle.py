@@ -1,23 +1,34 @@
-"""The model handle behind the ArtQuant nodes: where checkpoints live, loading once, and ComfyUI's memory management.
+"""The model behind the ArtQuant nodes: where checkpoints live, one copy of the weights, and ComfyUI's memory management.
 
-ComfyUI is optional here: inside ComfyUI the scorer's network is wrapped in a `ModelPatcher` and loaded with
-`load_models_gpu`, so ComfyUI can offload it when other models need the VRAM; elsewhere (tests, scripts) the
-scorer simply stays on the torch device it was loaded to.
+Lifetime is ComfyUI's: the ARTQUANT_MODEL a loader outputs lives in ComfyUI's node cache, and this module keeps only
+weak references to the weights, so "Free model and node cache" frees them. Loaders that differ only in the preset
+share one copy of the weights (the preset is applied at scoring time); a checkpoint folder whose files changed loads
+anew. ComfyUI is optional: inside it the network is wrapped in a `ModelPatcher` and loaded with `load_models_gpu`
+(so ComfyUI can offload it when other models need the memory); elsewhere the scorer stays where it was loaded.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import logging
 import os
 import sys
+import threading
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..scorer import ArtQuantScorer, CheckpointError
+from ..scorer import ArtQuantScorer, CheckpointError, get_preset
+from ..scorer.checkpoint import LoadedCheckpoint
+
+log = logging.getLogger("artquant")
 
 MODEL_FOLDER = "artquant"  # models/artquant/, also settable in extra_model_paths.yaml
-CHECKPOINT_MARKERS = ("config.json", "adapter_config.json")
+FULL_CHECKPOINT_MARKER = "config.json"
+LORA_RELEASE_MARKER = "adapter_config.json"
+CHECKPOINT_MARKERS = (FULL_CHECKPOINT_MARKER, LORA_RELEASE_MARKER)
 
 
 def comfy_module(name: str):
@@ -43,13 +54,24 @@ def model_folders() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
 
 
-def local_checkpoints() -> list[str]:
-    """Names of the checkpoint folders (a config.json or a LoRA release's adapter_config.json) in the model folders."""
+def checkpoint_folders(folders: list[Path], full_only: bool = False) -> list[str]:
+    """Names of the checkpoint folders in `folders`: full checkpoints (config.json, no adapter) and, unless
+    `full_only`, LoRA releases (adapter_config.json)."""
     names = set()
-    for folder in model_folders():
-        if folder.is_dir():
-            names.update(p.name for p in folder.iterdir() if any((p / m).is_file() for m in CHECKPOINT_MARKERS))
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            is_release = (path / LORA_RELEASE_MARKER).is_file()
+            is_full = (path / FULL_CHECKPOINT_MARKER).is_file() and not is_release
+            if is_full or (is_release and not full_only):
+                names.add(path.name)
     return sorted(names)
+
+
+def local_checkpoints(full_only: bool = False) -> list[str]:
+    """Checkpoint folders in ComfyUI's models/artquant/ (the base list passes `full_only`: a base is never a release)."""
+    return checkpoint_folders(model_folders(), full_only)
 
 
 def resolve_checkpoint(name: str) -> str:
@@ -78,6 +100,31 @@ def resolve_checkpoint(name: str) -> str:
     return name
 
 
+def folder_fingerprint(location: str | None) -> tuple:
+    """What identifies the files of a checkpoint folder: each file's name, inode, size and mtime (a folder replaced
+    under the same name, or a file rewritten in place, changes it). Hub ids and missing paths: the name itself."""
+    if location is None or not os.path.isdir(location):
+        return (location,)
+    entries = []
+    for entry in sorted(os.scandir(location), key=lambda e: e.name):
+        with contextlib.suppress(OSError):
+            stat = entry.stat()  # follows symlinks: a re-pointed link counts as a change
+            entries.append((entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return (os.path.realpath(location), *entries)
+
+
+@dataclass(frozen=True)
+class WeightsKey:
+    """One copy of the weights per checkpoint (and its files' state), base, dtype, device and quantization."""
+
+    model: str
+    base: str | None
+    fingerprint: tuple
+    dtype: str
+    device: str
+    quantization: str
+
+
 class ArtQuantNetwork(torch.nn.Module):
     """The scorer's network as ModelPatcher expects it: ModelPatcher sets `.device`, read-only on transformers models."""
 
@@ -87,28 +134,100 @@ class ArtQuantNetwork(torch.nn.Module):
         self.device = device
 
 
-class ArtQuantModel:
-    """What flows along an ARTQUANT_MODEL link: the scorer and, inside ComfyUI, its ModelPatcher (not for
-    bitsandbytes-quantised models, whose weights cannot be moved between devices)."""
+class LoadedWeights:
+    """One loaded checkpoint: the network, tokenizer and preprocessing (shared by every preset) and, inside ComfyUI,
+    its ModelPatcher. Quantised (bitsandbytes) weights cannot move between devices, so their patcher offloads to the
+    device they sit on: ComfyUI still counts their memory but never tries to move them."""
 
-    def __init__(self, scorer: ArtQuantScorer, quantized: bool = False):
-        self.scorer = scorer
-        self.patcher = None if quantized else self._make_patcher(scorer)
+    def __init__(self, scorer: ArtQuantScorer, quantized: bool, name: str):
+        self.checkpoint = LoadedCheckpoint(scorer.model, scorer.tokenizer, scorer.image_config, scorer.source)
+        self.device, self.dtype, self.quantized, self.name = scorer.device, scorer.dtype, quantized, name
+        self.patcher = self._make_patcher()
 
-    @staticmethod
-    def _make_patcher(scorer: ArtQuantScorer):
+    def _make_patcher(self):
         model_management = comfy_module("comfy.model_management")
         model_patcher = comfy_module("comfy.model_patcher")
         if model_management is None or model_patcher is None:
             return None
-        network = ArtQuantNetwork(scorer.model, scorer.device)
-        return model_patcher.ModelPatcher(network, load_device=scorer.device, offload_device=model_management.unet_offload_device())
+        offload = self.device if self.quantized else model_management.unet_offload_device()
+        network = ArtQuantNetwork(self.checkpoint.model, self.device)
+        return model_patcher.ModelPatcher(network, load_device=self.device, offload_device=offload)
 
-    def ready(self) -> ArtQuantScorer:
-        """The scorer with its weights on the compute device (ComfyUI may have offloaded them since the last run)."""
+    def scorer(self, preset: str) -> ArtQuantScorer:
+        """A scorer for `preset` on these weights (cheap: only the prompt is tokenised). Its token-id tensors are made
+        outside inference mode, so the guidance node can differentiate through it."""
+        with torch.inference_mode(False):
+            return ArtQuantScorer(self.checkpoint, get_preset(preset), self.device, self.dtype)
+
+    def memory_required(self, batch: int, keep_graph: bool = False) -> int:
+        """Bytes of activations to reserve beyond the weights for `batch` images (the scoring forward has no KV cache;
+        `keep_graph`: every layer's activations are kept for a backward pass, as guidance needs)."""
+        config = self.checkpoint.model.config
+        vision, text = config.vision_config, config
+        element = torch.finfo(self.dtype).bits // 8
+        image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        text_tokens = config.num_visual_tokens + 64  # the prompt is a few dozen tokens
+        vision_layer = image_tokens * (vision.hidden_size * 4 + vision.intermediate_size) + vision.num_attention_heads * image_tokens**2
+        text_layer = text_tokens * (text.hidden_size * 4 + text.intermediate_size * 3) + text.num_attention_heads * text_tokens**2
+        per_image = (vision_layer + text_layer) * element
+        if keep_graph:
+            per_image *= vision.num_hidden_layers + text.num_hidden_layers
+        return batch * per_image + batch * text.vocab_size * 4  # + the fp32 logits row
+
+
+class WeightsCache:
+    """Weak references to every loaded copy: it never keeps weights alive, it only lets a second loader with the same
+    checkpoint (say, another preset) share the copy that ComfyUI's node cache holds."""
+
+    def __init__(self):
+        self._copies: weakref.WeakValueDictionary[WeightsKey, LoadedWeights] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Copies alive now (an entry whose weights were just freed may linger in the dictionary for a moment)."""
+        return sum(1 for _ in self._copies.values())
+
+    def get(self, key: WeightsKey, load) -> LoadedWeights:
+        with self._lock:
+            weights = self._copies.get(key)
+            if weights is None:
+                weights = load()
+                self._copies[key] = weights
+                weakref.finalize(weights, self._released, weights.name)
+                log.info("ArtQuant: loaded %s (%d copies held)", weights.name, len(self))
+            return weights
+
+    def _released(self, name: str) -> None:
+        log.info("ArtQuant: released %s (%d copies held)", name, len(self))
+
+
+WEIGHTS = WeightsCache()
+
+
+class ArtQuantModel:
+    """What flows along an ARTQUANT_MODEL link: shared weights plus the preset they score with."""
+
+    def __init__(self, weights: LoadedWeights, preset: str = "artquant"):
+        self.weights = weights
+        self.scorer = weights.scorer(preset)
+
+    @classmethod
+    def from_scorer(cls, scorer: ArtQuantScorer, quantized: bool = False) -> ArtQuantModel:
+        """Wraps an already loaded scorer (its weights are not shared with the cache)."""
+        return cls(LoadedWeights(scorer, quantized, scorer.source), scorer.preset.name)
+
+    @property
+    def patcher(self):
+        return self.weights.patcher
+
+    def ready(self, batch: int = 1, keep_graph: bool = False) -> ArtQuantScorer:
+        """The scorer with its weights on the compute device and room reserved for `batch` images (ComfyUI may have
+        offloaded the weights since the last run)."""
         if self.patcher is not None:
             # Full load: the network's plain torch layers cannot run with weights left on the offload device.
-            comfy_module("comfy.model_management").load_models_gpu([self.patcher], force_full_load=True)
+            comfy_module("comfy.model_management").load_models_gpu(
+                [self.patcher], memory_required=self.weights.memory_required(batch, keep_graph), force_full_load=True
+            )
         return self.scorer
 
 
@@ -119,14 +238,29 @@ def quantization_choices() -> list[str]:
     return ["none", "8bit", "4bit"] if importlib.util.find_spec("bitsandbytes") is not None else ["none"]
 
 
-@functools.lru_cache(maxsize=2)
+def compute_device(device: str) -> str | None:
+    """"auto" -> ComfyUI's compute device inside ComfyUI, else the scorer's default (a GPU when there is one)."""
+    if device != "auto":
+        return device
+    model_management = comfy_module("comfy.model_management")
+    return str(model_management.get_torch_device()) if model_management is not None else None
+
+
 def load_model(model: str, base: str | None, preset: str, dtype: str, device: str, quantization: str = "none") -> ArtQuantModel:
-    """Loads a scorer once per distinct setting; later executions get the cached handle (two kept at most)."""
-    device = None if device == "auto" else device
-    if device is None and comfy_module("comfy.model_management") is not None:
-        device = comfy_module("comfy.model_management").get_torch_device()
-    quantization = None if quantization == "none" else quantization
-    scorer = ArtQuantScorer.from_pretrained(
-        model, base=base, preset=preset, dtype=None if dtype == "auto" else dtype, device=device, quantization=quantization
-    )
-    return ArtQuantModel(scorer, quantized=quantization is not None)
+    """An ARTQUANT_MODEL for `preset` on the weights of `model`: the copy already held when there is one for the same
+    checkpoint files, base, dtype, device and quantization, else a fresh load."""
+    get_preset(preset)  # an unknown preset fails before any loading
+    device = compute_device(device)
+    key = WeightsKey(model, base, folder_fingerprint(model), dtype, str(device), quantization)
+
+    def load() -> LoadedWeights:
+        quantized = quantization != "none"
+        # Outside inference mode (ComfyUI executes nodes inside it): the guidance node takes gradients through them.
+        with torch.inference_mode(False):
+            scorer = ArtQuantScorer.from_pretrained(
+                model, base=base, preset=preset, dtype=None if dtype == "auto" else dtype, device=device,
+                quantization=quantization if quantized else None,
+            )
+        return LoadedWeights(scorer, quantized, os.path.basename(model.rstrip("/\\")) or model)
+
+    return ArtQuantModel(WEIGHTS.get(key, load), preset)

@@ -1,32 +1,67 @@
-"""ArtQuant nodes: load a scorer, then score, rank, filter, describe and annotate IMAGE batches.
+"""The ArtQuant nodes in ComfyUI's V3 schema (`comfy_api.latest`): thin adapters over operations.py and guidance.py.
 
-IMAGE is ComfyUI's float batch [B, H, W, 3] in [0, 1]. Every image is scored on its own (quantised to 8 bits by the
-scorer, as a saved file would be), so a score never depends on the rest of the batch and nothing is normalised
-across the batch.
+Imported only by `comfy_entrypoint`, i.e. inside ComfyUI (this module imports ComfyUI's own packages).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+import dataclasses
+import logging
 
-from ..scorer import PRESETS, ImageScore
+import torch
+from comfy_api.latest import ComfyExtension, io
+from comfy_execution.graph_utils import ExecutionBlocker
+
+import comfy.model_management
+
+from ..scorer import PRESETS
+from .guidance import RewardGuidance, in_window
 from .model_handle import (
+    MODEL_FOLDER,
     ArtQuantModel,
-    comfy_module,
+    folder_fingerprint,
     load_model,
     local_checkpoints,
     quantization_choices,
+    register_model_folder,
     resolve_checkpoint,
 )
+from .operations import (
+    check_threshold,
+    describe_images,
+    filter_mask,
+    overlay_scores,
+    rank_batch,
+    reorder_latent,
+    reorder_mask,
+    score_images,
+    score_report,
+)
 
-MODEL_TYPE = "ARTQUANT_MODEL"
+log = logging.getLogger("artquant")
+
 CATEGORY = "ArtQuant"
+ArtQuantModelType = io.Custom("ARTQUANT_MODEL")
 MODEL_TOOLTIP = "The scorer from Load ArtQuant model (loaded once and shared)."
 IMAGES_TOOLTIP = "A batch of RGB images; every image is scored on its own."
 AUTO_BASE = "(recorded in the release)"
 NO_LOCAL_MODEL = "(none in models/artquant: type an id below)"
+SEARCH_ALIASES = ["aesthetic", "quality", "score", "rank", "reward", "best of n"]
+SCORE_LOW = min(p.score_range[0] for p in PRESETS.values())
+SCORE_HIGH = max(p.score_range[1] for p in PRESETS.values())
+SCHEMA_FIELDS = {field.name for field in dataclasses.fields(io.Schema)}
+
+
+def schema(**fields) -> io.Schema:
+    """An io.Schema in the ArtQuant category; search aliases where this ComfyUI supports them (newer than 0.3.64)."""
+    if "search_aliases" in SCHEMA_FIELDS:
+        fields.setdefault("search_aliases", SEARCH_ALIASES)
+    return io.Schema(category=CATEGORY, **fields)
+
+
+def blocked_if_empty(images: torch.Tensor):
+    """An empty batch would crash most nodes after this one: an ExecutionBlocker skips them instead."""
+    return images if images.shape[0] > 0 else ExecutionBlocker(None)
 
 
 def devices() -> list[str]:
@@ -34,322 +69,274 @@ def devices() -> list[str]:
     return found + (["mps"] if torch.backends.mps.is_available() else [])
 
 
-def check_images(images: torch.Tensor) -> None:
-    """Raises a message that says what to do unless `images` is a non-empty [B, H, W, 3] batch (the scorer checks
-    the pixel values of each image)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"ArtQuant expects an IMAGE batch [B, H, W, 3], got {getattr(images, 'shape', type(images))}.")
-    if images.shape[0] == 0:
-        raise ValueError("The IMAGE batch is empty: connect a node that outputs at least one image.")
-    channels = images.shape[-1]
-    if channels != 3:
-        what = "a grey (1-channel) image or a MASK" if channels == 1 else f"a {channels}-channel image (RGBA?)"
-        raise ValueError(
-            f"ArtQuant needs RGB IMAGEs with 3 channels, got {what} of shape {tuple(images.shape)}. Convert it to RGB "
-            "first (e.g. Convert Mask to Image for a mask; drop the alpha channel with Split Image with Alpha)."
-        )
-
-
-def check_finite(images: torch.Tensor) -> None:
-    """For the describe path, which reports unreadable images as text rather than raising."""
-    bad = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
-    if bad:
-        raise ValueError(
-            f"Images {bad} of the batch contain NaN or infinite pixels: fix or remove them and queue again "
-            "(NaN pixels usually come from a VAE decoding in fp16: try --fp32-vae)."
-        )
-
-
-def progress_reporter(total: int):
-    """A callback given the number of images just finished: honours Cancel and advances ComfyUI's progress bar."""
-    model_management = comfy_module("comfy.model_management")
-    utils = comfy_module("comfy.utils")
-    bar = utils.ProgressBar(total) if utils is not None else None
-
-    def advance(count: int) -> None:
-        if model_management is not None:
-            model_management.throw_exception_if_processing_interrupted()
-        if bar is not None:
-            bar.update(count)
-
-    return advance
-
-
-def score_images(model: ArtQuantModel, images: torch.Tensor, batch_size: int = 8) -> list[ImageScore]:
-    """One ImageScore per image of a ComfyUI batch; raises if any image cannot be scored."""
-    check_images(images)
-    scorer = model.ready()
-    results = scorer.score(images, batch_size=batch_size, layout="BHWC", progress=progress_reporter(len(images)))
-    failures = [r.error for r in results if not r.ok]
-    if failures:
-        raise ValueError(
-            "Some images could not be scored: " + " ".join(failures) + " Fix or remove those images and queue again "
-            "(NaN pixels usually come from a VAE decoding in fp16: try --fp32-vae)."
-        )
-    return results
-
-
-def score_report(results: list[ImageScore]) -> str:
-    """A line per image with its most probable level word (the model's own answer), then the summary."""
-    lines = [f"image {i}: {r.score:.3f} ± {r.std:.3f} ({max(r.level_probs, key=r.level_probs.get)})" for i, r in enumerate(results)]
-    scores = [r.score for r in results]
-    lines.append(f"{len(scores)} images, mean {np.mean(scores):.3f}, best {max(scores):.3f} (image {int(np.argmax(scores))})")
-    return "\n".join(lines)
-
-
-def no_images(images: torch.Tensor):
-    """What an IMAGE output carries when no image belongs there: inside ComfyUI an ExecutionBlocker, so the nodes
-    after it are skipped (an empty batch would crash most of them); elsewhere an empty [0, H, W, 3] batch."""
-    graph_utils = comfy_module("comfy_execution.graph_utils")
-    return graph_utils.ExecutionBlocker(None) if graph_utils is not None else images[:0]
-
-
-def images_or_block(images: torch.Tensor):
-    return images if images.shape[0] > 0 else no_images(images)
-
-
-class ArtQuantLoader:
-    DESCRIPTION = (
-        "Loads an ArtQuant (or DeQA-Score / OneAlign) scorer once and keeps it cached; ComfyUI moves it to and from "
-        "the GPU like its other models. Checkpoint folders go into models/artquant/."
-    )
-
+class ArtQuantLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         local = local_checkpoints()
-        return {
-            "required": {
-                "preset": (list(PRESETS), {"default": "artquant", "tooltip": "Question, level words and weights of the scorer."}),
-                "model": (local or [NO_LOCAL_MODEL], {"tooltip": "A checkpoint folder in models/artquant/ (full model or ArtQuant LoRA release)."}),
-                "dtype": (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on a GPU (fp16 without bf16), fp32 on the CPU."}),
-                "device": (devices(), {"default": "auto", "tooltip": "auto: ComfyUI's compute device."}),
-            },
-            "optional": {
-                "base": ([AUTO_BASE] + local, {"tooltip": "Base model of a LoRA release; by default the one the release records."}),
-                "model_id": ("STRING", {"default": "", "tooltip": "A Hugging Face id or a folder path; when set it replaces `model`."}),
-                "quantization": (quantization_choices(), {"default": "none", "tooltip": "8-bit/4-bit LLM weights via bitsandbytes (CUDA only; listed when it is installed)."}),
-            },
-        }
+        quantization = quantization_choices()
+        optional = [
+            io.Combo.Input("base", options=[AUTO_BASE] + local_checkpoints(full_only=True), optional=True,
+                           tooltip="Base model of a LoRA release (full checkpoints only); by default the one the release records."),
+            io.String.Input("model_id", default="", optional=True, placeholder="owner/name or /path/to/checkpoint",
+                            tooltip="A Hugging Face id or a folder path; when set it replaces `model`."),
+        ]
+        if len(quantization) > 1:  # bitsandbytes is installed
+            optional.append(io.Combo.Input("quantization", options=quantization, default="none", optional=True,
+                                           tooltip="8-bit/4-bit LLM weights via bitsandbytes (CUDA only)."))
+        return schema(
+            node_id="ArtQuantLoader",
+            display_name="Load ArtQuant model",
+            description="Loads an ArtQuant (or DeQA-Score / OneAlign) scorer. One copy of the weights per checkpoint, "
+            "dtype and device is shared by every preset; ComfyUI moves it to and from the GPU like its other models "
+            "and frees it with 'Free model and node cache'. Checkpoint folders go into models/artquant/.",
+            inputs=[
+                io.Combo.Input("preset", options=list(PRESETS), default="artquant",
+                               tooltip="Question, level words and weights (applied at scoring time; the weights are shared)."),
+                io.Combo.Input("model", options=local or [NO_LOCAL_MODEL],
+                               tooltip="A checkpoint folder in models/artquant/ (full model or ArtQuant LoRA release)."),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                               tooltip="auto: bf16 on a GPU (fp16 without bf16), fp32 on the CPU."),
+                io.Combo.Input("device", options=devices(), default="auto", tooltip="auto: ComfyUI's compute device."),
+                *optional,
+            ],
+            outputs=[ArtQuantModelType.Output(display_name="artquant_model", tooltip="The scorer, for the other ArtQuant nodes.")],
+        )
 
-    RETURN_TYPES = (MODEL_TYPE,)
-    RETURN_NAMES = ("artquant_model",)
-    OUTPUT_TOOLTIPS = ("The loaded scorer, for the other ArtQuant nodes.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, preset, model, dtype, device, base=AUTO_BASE, model_id="", quantization="none"):
+    @classmethod
+    def chosen(cls, model, model_id="", base=AUTO_BASE) -> tuple[str, str | None]:
         chosen = resolve_checkpoint(model_id or ("" if model == NO_LOCAL_MODEL else model))
-        base_path = None if base == AUTO_BASE else resolve_checkpoint(base)
-        return (load_model(chosen, base_path, preset, dtype, device, quantization),)
-
-
-class ArtQuantScore:
-    DESCRIPTION = "Scores every image of the batch (1 bad .. 10 excellent for ArtQuant), with its uncertainty (std)."
+        return chosen, None if base == AUTO_BASE else resolve_checkpoint(base)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "artquant_model": (MODEL_TYPE, {"tooltip": MODEL_TOOLTIP}),
-                "images": ("IMAGE", {"tooltip": IMAGES_TOOLTIP}),
-                "batch_size": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Images per forward pass (memory vs speed); scores do not change."}),
-            }
-        }
+    def fingerprint_inputs(cls, model, model_id="", base=AUTO_BASE, **_):
+        """Re-executes when the checkpoint folder's files change (a folder replaced under the same name)."""
+        try:
+            chosen, base_path = cls.chosen(model, model_id, base)
+        except Exception:  # execute reports it
+            return (model, model_id, base)
+        return folder_fingerprint(chosen), folder_fingerprint(base_path)
 
-    RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
-    RETURN_NAMES = ("scores", "stds", "report")
-    OUTPUT_IS_LIST = (True, True, False)
-    OUTPUT_TOOLTIPS = ("One score per image, in batch order.", "One std per image.", "A line per image and a summary.")
-    FUNCTION = "score"
-    CATEGORY = CATEGORY
+    @classmethod
+    def execute(cls, preset, model, dtype, device, base=AUTO_BASE, model_id="", quantization="none"):
+        chosen, base_path = cls.chosen(model, model_id, base)
+        return io.NodeOutput(load_model(chosen, base_path, preset, dtype, device, quantization))
 
-    def score(self, artquant_model, images, batch_size=8):
+
+class ArtQuantScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ArtQuantScore",
+            display_name="Score images (ArtQuant)",
+            description="Scores every image of the batch (1 bad .. 10 excellent for ArtQuant), with its uncertainty (std).",
+            inputs=[
+                ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
+                io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
+                io.Int.Input("batch_size", default=8, min=1, max=256,
+                             tooltip="Images per forward pass (memory vs speed); scores do not change."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="scores", tooltip="One score per image, in batch order.", is_output_list=True),
+                io.Float.Output(display_name="stds", tooltip="One std per image.", is_output_list=True),
+                io.String.Output(display_name="report", tooltip="A line per image and a summary."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, artquant_model, images, batch_size=8):
         results = score_images(artquant_model, images, batch_size)
-        return ([r.score for r in results], [r.std for r in results], score_report(results))
+        return io.NodeOutput([r.score for r in results], [r.std for r in results], score_report(results))
 
 
-def reorder_latent(latent: dict, order: torch.Tensor, batch: int) -> dict:
-    samples = latent["samples"]
-    if samples.shape[0] != batch:
-        raise ValueError(f"The latent batch has {samples.shape[0]} items but the images {batch}: pass the matching latent.")
-    reordered = {**latent, "samples": samples[order]}
-    if isinstance(latent.get("noise_mask"), torch.Tensor) and latent["noise_mask"].shape[0] == batch:
-        reordered["noise_mask"] = latent["noise_mask"][order]
-    if "batch_index" in latent:
-        reordered["batch_index"] = [latent["batch_index"][i] for i in order.tolist()]
-    return reordered
-
-
-def reorder_mask(mask: torch.Tensor, order: torch.Tensor, batch: int) -> torch.Tensor:
-    if mask.ndim == 2 or mask.shape[0] == 1:
-        return mask  # one mask shared by the whole batch
-    if mask.shape[0] != batch:
-        raise ValueError(f"The mask batch has {mask.shape[0]} masks but the images {batch}: pass one mask per image.")
-    return mask[order]
-
-
-class ArtQuantRank:
-    DESCRIPTION = "Sorts the batch by score, best first, and splits it into the top k and the rest."
+class ArtQuantRank(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ArtQuantRank",
+            display_name="Rank images (ArtQuant)",
+            description="Best-of-N: sorts a batch (e.g. a KSampler's, decoded) by score, best first, and keeps the top k "
+            "with their latents. The top-k latent remembers each image's batch index, so a KSampler with the same seed "
+            "re-creates its noise: upscale it and sample again to refine the winners.",
+            inputs=[
+                ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
+                io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
+                io.Int.Input("top_k", default=1, min=1, max=4096, tooltip="How many of the best images go to `top_k`."),
+                io.Latent.Input("latent", optional=True, tooltip="The latents of these images; returned in the same order."),
+                io.Mask.Input("mask", optional=True, tooltip="One mask per image; returned in the same order."),
+                io.Int.Input("seed", optional=True, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, force_input=True,
+                             tooltip="The KSampler's seed (convert its widget to an input and link it): the report lists it per winner."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="sorted", tooltip="All images, best first."),
+                io.Image.Output(display_name="top_k", tooltip="The k best."),
+                io.Image.Output(display_name="rest", tooltip="The others (skipped downstream when there are none)."),
+                io.Float.Output(display_name="sorted_scores", tooltip="Scores in sorted order.", is_output_list=True),
+                io.Latent.Output(display_name="latent", tooltip="The latent, sorted like the images (with batch_index)."),
+                io.Mask.Output(display_name="mask", tooltip="The mask, sorted like the images."),
+                io.Latent.Output(display_name="top_k_latent", tooltip="The k best latents, each with its original batch_index."),
+                io.String.Output(display_name="report", tooltip="Each winner's rank, seed, batch index and score."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "artquant_model": (MODEL_TYPE, {"tooltip": MODEL_TOOLTIP}),
-                "images": ("IMAGE", {"tooltip": IMAGES_TOOLTIP}),
-                "top_k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "How many of the best images go to `top_k`."}),
-            },
-            "optional": {
-                "latent": ("LATENT", {"tooltip": "The latents of these images; returned in the same order."}),
-                "mask": ("MASK", {"tooltip": "One mask per image; returned in the same order."}),
-            },
-        }
-
-    RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE", "FLOAT", "LATENT", "MASK")
-    RETURN_NAMES = ("sorted", "top_k", "rest", "sorted_scores", "latent", "mask")
-    OUTPUT_IS_LIST = (False, False, False, True, False, False)
-    OUTPUT_TOOLTIPS = (
-        "All images, best first.", "The k best.", "The others (skipped downstream when there are none).",
-        "Scores in sorted order.", "The latent, sorted like the images.", "The mask, sorted like the images.",
-    )
-    FUNCTION = "rank"
-    CATEGORY = CATEGORY
-
-    def rank(self, artquant_model, images, top_k, latent=None, mask=None):
-        scores = torch.tensor([r.score for r in score_images(artquant_model, images)], dtype=torch.float64)
-        order = torch.sort(scores, descending=True, stable=True).indices  # ties keep batch order
+    def execute(cls, artquant_model, images, top_k, latent=None, mask=None, seed=None):
+        ranking = rank_batch(artquant_model, images, top_k)
+        order, batch = ranking.order, len(images)
         ranked = images[order]
-        return (
-            ranked,
-            ranked[:top_k],
-            images_or_block(ranked[top_k:]),
-            scores[order].tolist(),
-            reorder_latent(latent, order, len(images)) if latent is not None else None,
-            reorder_mask(mask, order, len(images)) if mask is not None else None,
+        sorted_latent = reorder_latent(latent, order, batch) if latent is not None else None
+        top_latent = None
+        if sorted_latent is not None:
+            top_latent = {**sorted_latent, "samples": sorted_latent["samples"][:top_k], "batch_index": sorted_latent["batch_index"][:top_k]}
+            if isinstance(sorted_latent.get("noise_mask"), torch.Tensor) and sorted_latent["noise_mask"].shape[0] == batch:
+                top_latent["noise_mask"] = sorted_latent["noise_mask"][:top_k]
+        return io.NodeOutput(
+            ranked, ranked[:top_k], blocked_if_empty(ranked[top_k:]), ranking.scores, sorted_latent,
+            reorder_mask(mask, order, batch) if mask is not None else None, top_latent, ranking.report(seed),
         )
 
 
-class ArtQuantFilter:
-    DESCRIPTION = (
-        "Keeps the images that score at or above the threshold. When none pass, `images` carries nothing and the "
-        "nodes after it are skipped; the report says so."
-    )
+class ArtQuantFilter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ArtQuantFilter",
+            display_name="Filter by score (ArtQuant)",
+            description="Keeps the images that score at or above the threshold. When none pass, `images` carries "
+            "nothing and the nodes after it are skipped; the report says so.",
+            inputs=[
+                ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
+                io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
+                io.Float.Input("threshold", default=6.0, min=SCORE_LOW, max=SCORE_HIGH, step=0.1,
+                               tooltip="Minimum score to keep, inside the preset's range (ArtQuant 1 .. 10, DeQA-Score 1 .. 5)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="Images with score >= threshold, in batch order (skipped downstream when none pass)."),
+                io.Image.Output(display_name="rejected", tooltip="The others (skipped downstream when there are none)."),
+                io.Int.Output(display_name="count", tooltip="How many passed."),
+                io.String.Output(display_name="report", tooltip="What passed and what did not."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "artquant_model": (MODEL_TYPE, {"tooltip": MODEL_TOOLTIP}),
-                "images": ("IMAGE", {"tooltip": IMAGES_TOOLTIP}),
-                "threshold": ("FLOAT", {"default": 6.0, "min": -100.0, "max": 100.0, "step": 0.1, "tooltip": "Minimum score to keep (ArtQuant: 1 .. 10)."}),
-            }
-        }
-
-    RETURN_TYPES = ("IMAGE", "IMAGE", "INT", "STRING")
-    RETURN_NAMES = ("images", "rejected", "count", "report")
-    OUTPUT_TOOLTIPS = (
-        "Images with score >= threshold, in batch order (skipped downstream when none pass).",
-        "The others (skipped downstream when there are none).", "How many passed.", "What passed and what did not.",
-    )
-    FUNCTION = "filter"
-    CATEGORY = CATEGORY
-
-    def filter(self, artquant_model, images, threshold):
-        scores = torch.tensor([r.score for r in score_images(artquant_model, images)])
-        keep = scores >= threshold
-        count = int(keep.sum())
-        if count == 0:
-            report = f"None of the {len(images)} images reached {threshold:g} (best {scores.max():.3f}); nothing passed."
-        else:
-            report = f"{count} of {len(images)} images reached {threshold:g}: {keep.nonzero().flatten().tolist()}."
-        return (images_or_block(images[keep]), images_or_block(images[~keep]), count, report)
+    def execute(cls, artquant_model, images, threshold):
+        check_threshold(threshold, artquant_model.scorer.preset)
+        keep, report = filter_mask([r.score for r in score_images(artquant_model, images)], threshold)
+        return io.NodeOutput(blocked_if_empty(images[keep]), blocked_if_empty(images[~keep]), int(keep.sum()), report)
 
 
-class ArtQuantDescribe:
-    DESCRIPTION = "Writes the model's aesthetic description of each image (perception, cognition, emotion)."
+class ArtQuantDescribe(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ArtQuantDescribe",
+            display_name="Describe image (ArtQuant)",
+            description="Writes the model's aesthetic description of each image (perception, cognition, emotion). "
+            "Cancel stops it within one token.",
+            inputs=[
+                ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
+                io.Image.Input("images", tooltip="The images to describe, one description each."),
+                io.Int.Input("max_new_tokens", default=256, min=1, max=2048, tooltip="Length limit of each description, in tokens."),
+                io.String.Input("question", multiline=True, default="", optional=True,
+                                placeholder="Empty: the preset's question (Give a comprehensive analysis of the aesthetics of this painting.)",
+                                tooltip="Empty: the preset's description question."),
+            ],
+            outputs=[io.String.Output(display_name="description", tooltip="The descriptions; with several images, one paragraph per image.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "artquant_model": (MODEL_TYPE, {"tooltip": MODEL_TOOLTIP}),
-                "images": ("IMAGE", {"tooltip": "The images to describe, one description each."}),
-                "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 2048, "tooltip": "Length limit of each description, in tokens."}),
-            },
-            "optional": {
-                "question": ("STRING", {"multiline": True, "default": "", "tooltip": "Empty: the preset's description question."}),
-            },
-        }
-
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("description",)
-    OUTPUT_TOOLTIPS = ("The descriptions; with several images, one paragraph per image.",)
-    FUNCTION = "describe"
-    CATEGORY = CATEGORY
-
-    def describe(self, artquant_model, images, max_new_tokens, question=""):
-        check_images(images)
-        check_finite(images)
-        scorer = artquant_model.ready()
-        advance = progress_reporter(len(images))
-        texts = []
-        for image in images:  # one at a time, so Cancel is honoured between long generations
-            texts.extend(scorer.describe(image[None], question=question or None, max_new_tokens=max_new_tokens, layout="BHWC"))
-            advance(1)
-        if len(texts) == 1:
-            return (texts[0],)
-        return ("\n\n".join(f"Image {i}: {text}" for i, text in enumerate(texts)),)
+    def execute(cls, artquant_model, images, max_new_tokens, question=""):
+        return io.NodeOutput(describe_images(artquant_model, images, max_new_tokens, question))
 
 
-def draw_score(image: torch.Tensor, text: str) -> torch.Tensor:
-    """[H, W, 3] float image -> the same with `text` on a dark box in the top-left corner."""
-    picture = Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=max(10, picture.height // 16))
-    margin = max(2, picture.height // 64)
-    box = draw.textbbox((margin, margin), text, font=font)
-    draw.rectangle((0, 0, box[2] + margin, box[3] + margin), fill=(0, 0, 0))
-    draw.text((margin, margin), text, fill=(255, 255, 255), font=font)
-    return torch.from_numpy(np.array(picture)).to(image.dtype) / 255
-
-
-class ArtQuantScoreOverlay:
-    DESCRIPTION = "Draws each image's score and std on it, for previews and contact sheets."
+class ArtQuantScoreOverlay(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ArtQuantScoreOverlay",
+            display_name="Score overlay (ArtQuant)",
+            description="Draws each image's score and std on it, for previews and contact sheets.",
+            inputs=[ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP), io.Image.Input("images", tooltip=IMAGES_TOOLTIP)],
+            outputs=[io.Image.Output(display_name="images", tooltip="The images with 'score ± std' in the top-left corner.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "artquant_model": (MODEL_TYPE, {"tooltip": MODEL_TOOLTIP}),
-                "images": ("IMAGE", {"tooltip": IMAGES_TOOLTIP}),
-            }
-        }
-
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("The images with 'score ± std' in the top-left corner.",)
-    FUNCTION = "overlay"
-    CATEGORY = CATEGORY
-
-    def overlay(self, artquant_model, images):
-        results = score_images(artquant_model, images)
-        return (torch.stack([draw_score(image, f"{r.score:.2f} ± {r.std:.2f}") for image, r in zip(images, results)]),)
+    def execute(cls, artquant_model, images):
+        return io.NodeOutput(overlay_scores(artquant_model, images))
 
 
-NODE_CLASS_MAPPINGS = {
-    "ArtQuantLoader": ArtQuantLoader,
-    "ArtQuantScore": ArtQuantScore,
-    "ArtQuantRank": ArtQuantRank,
-    "ArtQuantFilter": ArtQuantFilter,
-    "ArtQuantDescribe": ArtQuantDescribe,
-    "ArtQuantScoreOverlay": ArtQuantScoreOverlay,
-}
+def guided_chunk(vae, artquant_model: ArtQuantModel, latent_shape, device) -> int:
+    """How many images to differentiate at once: what ComfyUI says is free, over one image's decode+score with the
+    graph kept (roughly three inference decodes)."""
+    one = [1, *latent_shape[1:]]
+    per_image = 3 * vae.memory_used_decode(one, vae.vae_dtype) + artquant_model.weights.memory_required(1, keep_graph=True)
+    return max(1, min(latent_shape[0], int(comfy.model_management.get_free_memory(device) // per_image)))
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ArtQuantLoader": "Load ArtQuant model",
-    "ArtQuantScore": "Score images (ArtQuant)",
-    "ArtQuantRank": "Rank images (ArtQuant)",
-    "ArtQuantFilter": "Filter by score (ArtQuant)",
-    "ArtQuantDescribe": "Describe image (ArtQuant)",
-    "ArtQuantScoreOverlay": "Score overlay (ArtQuant)",
-}
+
+class ArtQuantGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ArtQuantGuidance",
+            display_name="ArtQuant Guidance",
+            description="Steers sampling towards higher ArtQuant scores, for any model family the VAE decodes and any "
+            "sampler. Inside the window, each step's denoised prediction is decoded, scored, and moved up the score's "
+            "gradient. Each guided step adds one VAE decode and one scorer forward+backward.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to guide (returned as a patched copy; the input stays as it is)."),
+                ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
+                io.Vae.Input("vae", tooltip="The VAE of this model (decodes its latents)."),
+                io.Float.Input("scale", default=0.1, min=0.0, max=2.0, step=0.01,
+                               tooltip="Step length up the score's gradient, as a fraction of the prediction's RMS. 0 disables."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where guidance starts, as a fraction of the schedule (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where guidance ends, as a fraction of the schedule (1 = last step)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with ArtQuant guidance; connect it to a sampler.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent):
+        # Named arguments (no **kwargs): ComfyUI still checks the other inputs' bounds itself.
+        if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
+            return f"start_percent and end_percent are fractions of the schedule in [0, 1], got {start_percent} and {end_percent}."
+        if start_percent > end_percent:
+            return f"start_percent ({start_percent}) is after end_percent ({end_percent}): guidance would never run."
+        return True
+
+    @classmethod
+    def execute(cls, model, artquant_model, vae, scale, start_percent, end_percent):
+        model_sampling = model.get_model_object("model_sampling")
+        sigma_start = float(model_sampling.percent_to_sigma(start_percent))
+        sigma_end = float(model_sampling.percent_to_sigma(end_percent))
+
+        def guide(args):
+            denoised = args["denoised"]
+            if scale == 0 or not in_window(float(args["sigma"].max()), sigma_start, sigma_end):
+                return denoised
+            if denoised.ndim != 4:
+                raise ValueError(f"ArtQuant Guidance guides image latents [B, C, H, W], got {tuple(denoised.shape)} (video?).")
+            base_model = args["model"]
+            chunk = guided_chunk(vae, artquant_model, denoised.shape, denoised.device)
+            scorer = artquant_model.ready(chunk, keep_graph=True)
+            guidance = RewardGuidance(
+                decode=lambda latent: vae.decode(base_model.process_latent_out(latent)).movedim(-1, 1),
+                reward=lambda images: scorer.score_tensor(images).scores,
+                scale=scale, chunk=chunk, modules=(vae.first_stage_model, scorer.model),
+            )
+            return guidance(denoised)
+
+        guided = model.clone()
+        guided.set_model_sampler_post_cfg_function(guide)
+        # Loaded with the diffusion model before sampling, so ComfyUI reserves room for all three (or offloads).
+        extra = [vae.patcher] + ([artquant_model.patcher] if artquant_model.patcher is not None else [])
+        guided.set_additional_models("artquant_guidance", extra)
+        return io.NodeOutput(guided)
+
+
+class ArtQuantExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [ArtQuantLoader, ArtQuantScore, ArtQuantRank, ArtQuantFilter, ArtQuantDescribe, ArtQuantScoreOverlay, ArtQuantGuidance]
+
+
+__all__ = ["ArtQuantExtension", "MODEL_FOLDER", "register_model_folder"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from artquant import ArtQuantScorer
 from artquant.artquant_nodes.model_handle import ArtQuantModel
-from artquant.artquant_nodes.nodes import ArtQuantScore
+from artquant.artquant_nodes.operations import score_images
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "artquant_reference"
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     scorer = ArtQuantScorer.from_pretrained(args.reference / "artquant_lora", device="cpu", dtype="fp32")
-    handle, node = ArtQuantModel(scorer), ArtQuantScore()
+    handle = ArtQuantModel.from_scorer(scorer)
     images = torch.rand(args.batch, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
 
     score = scorer.score  # the undecorated call, for the direct path
@@ -54,10 +54,10 @@ def main() -> None:
         inner_seconds.append(time.perf_counter() - start)
         return results
 
-    scorer.score = timed_score
+    handle.scorer.score = timed_score  # the node scores through the handle's scorer (same weights)
 
     def through_node():
-        return node.score(handle, images, batch_size=8)
+        return score_images(handle, images, batch_size=8)
 
     direct(), through_node()  # warm-up
     inner_seconds.clear()

@@ -2,6 +2,8 @@
 
 Needs a ComfyUI checkout in ARTQUANT_COMFYUI_DIR and a Python with ComfyUI's requirements and this package
 (run pytest with that Python). The server listens on 127.0.0.1 only, runs on the CPU, and is always stopped.
+No ComfyUI module is stubbed: the guidance tests sample tiny SD 1.x (epsilon) and SD 3 (flow-matching) models that
+tests/comfy_tiny_models builds in the server from ComfyUI's own model classes.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from PIL import Image
 COMFYUI_DIR = os.environ.get("ARTQUANT_COMFYUI_DIR")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER = "artquant-pack"  # not the package's own name: ComfyUI imports the pack under its folder name
+TINY_MODELS = Path(__file__).resolve().parent / "comfy_tiny_models"
 START_TIMEOUT_S = 240
-PROMPT_TIMEOUT_S = 180
+PROMPT_TIMEOUT_S = 300
+NODES = ("ArtQuantLoader", "ArtQuantScore", "ArtQuantRank", "ArtQuantFilter", "ArtQuantDescribe", "ArtQuantScoreOverlay",
+         "ArtQuantGuidance")
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="set ARTQUANT_COMFYUI_DIR to a ComfyUI checkout (and run with its Python) to test in ComfyUI"
@@ -82,6 +87,7 @@ def comfy(tmp_path_factory, reference_dir, reference_images):
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "comfy_tiny_models").symlink_to(TINY_MODELS, target_is_directory=True)
     models = base / "models" / "artquant"
     models.mkdir(parents=True)
     # The release records its base as ../mplug_owl2_base; "ArtQuant" is the name the example workflows use.
@@ -122,9 +128,9 @@ def same_size_images(comfy) -> list[str]:
     return names
 
 
-def loader_node(model="artquant_lora", model_id="") -> dict:
+def loader_node(model="artquant_lora", model_id="", preset="artquant") -> dict:
     return {"class_type": "ArtQuantLoader",
-            "inputs": {"preset": "artquant", "model": model, "dtype": "fp32", "device": "auto", "model_id": model_id}}
+            "inputs": {"preset": preset, "model": model, "dtype": "fp32", "device": "auto", "model_id": model_id}}
 
 
 def batch_of(names: list[str], workflow: dict) -> list:
@@ -146,11 +152,19 @@ def saved_files(comfy, entry: dict, node: str) -> list[Path]:
     return [comfy.base / "output" / image["subfolder"] / image["filename"] for image in entry["outputs"].get(node, {}).get("images", [])]
 
 
-def test_pack_loads_without_import_errors(comfy):
+def test_pack_loads_its_v3_nodes_without_import_errors(comfy):
     info = comfy.request("/object_info")
-    for name in ("ArtQuantLoader", "ArtQuantScore", "ArtQuantRank", "ArtQuantFilter", "ArtQuantDescribe", "ArtQuantScoreOverlay"):
+    for name in NODES:
         assert info[name]["category"] == "ArtQuant", name
-    assert "artquant_lora" in info["ArtQuantLoader"]["input"]["required"]["model"][0]  # models/artquant/ registered
+        assert info[name]["python_module"].startswith("custom_nodes."), name
+    loader = info["ArtQuantLoader"]["input"]
+    assert loader["required"]["model"][0] == "COMBO"  # V3 combos: ("COMBO", {"options": [...]})
+    assert "artquant_lora" in loader["required"]["model"][1]["options"]  # models/artquant/ registered
+    bases = loader["optional"]["base"][1]["options"]
+    assert "artquant_lora" not in bases and "mplug_owl2_base" in bases  # a base is a full checkpoint, never a release
+    assert "quantization" not in loader["optional"]  # bitsandbytes is not installed here
+    assert info["ArtQuantFilter"]["input"]["required"]["threshold"][1]["max"] == 10.0
+    assert "preset's question" in info["ArtQuantDescribe"]["input"]["optional"]["question"][1]["placeholder"]
     failures = [line for line in comfy.log.read_text().splitlines() if PACK_FOLDER in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
     assert not failures
 
@@ -214,7 +228,7 @@ def test_filter_overlay_and_describe(comfy, lora_scorer, same_size_images):
 def test_filter_with_no_passing_image_skips_saving(comfy, same_size_images):
     workflow = {"model": loader_node()}
     batch = batch_of(same_size_images[:2], workflow)
-    workflow["filter"] = {"class_type": "ArtQuantFilter", "inputs": {"artquant_model": ["model", 0], "images": batch, "threshold": 99.0}}
+    workflow["filter"] = {"class_type": "ArtQuantFilter", "inputs": {"artquant_model": ["model", 0], "images": batch, "threshold": 10.0}}
     workflow["save_kept"] = {"class_type": "SaveImage", "inputs": {"images": ["filter", 0], "filename_prefix": "never"}}
     workflow["show_report"] = {"class_type": "PreviewAny", "inputs": {"source": ["filter", 3]}}
     entry = comfy.run(workflow)
@@ -270,3 +284,148 @@ def test_example_workflows_are_listed_and_run(comfy):
         entry = comfy.run(prompt)
         assert entry["status"]["status_str"] == "success", (name, entry["status"])
         assert entry["outputs"], name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model lifetime owned by ComfyUI (the loader logs "ArtQuant: loaded/released NAME (N copies held)")
+# ------------------------------------------------------------------------------------------------------------------
+def log_count(comfy, text: str) -> int:
+    return comfy.log.read_text().count(text)
+
+
+def wait_for_log(comfy, text: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in comfy.log.read_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the ComfyUI log after {timeout_s} s: {comfy.log}")
+        time.sleep(0.5)
+
+
+def free_models_and_cache(comfy) -> None:
+    """What the "Free model and node cache" button sends."""
+    request = urllib.request.Request(comfy.url + "/free", data=json.dumps({"unload_models": True, "free_memory": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()
+
+
+def score_workflow(model: str, image: str, preset: str = "artquant", suffix: str = "") -> dict:
+    return {
+        f"model{suffix}": loader_node(model, preset=preset),
+        f"load{suffix}": {"class_type": "LoadImage", "inputs": {"image": image}},
+        f"score{suffix}": {"class_type": "ArtQuantScore", "inputs": {"artquant_model": [f"model{suffix}", 0], "images": [f"load{suffix}", 0], "batch_size": 8}},
+        f"show{suffix}": {"class_type": "PreviewAny", "inputs": {"source": [f"score{suffix}", 0]}},
+    }
+
+
+def test_free_model_and_node_cache_frees_the_scorer(comfy, reference_dir, reference_images):
+    (comfy.base / "models" / "artquant" / "free_me").symlink_to(reference_dir / "artquant_lora", target_is_directory=True)
+    entry = comfy.run(score_workflow("free_me", reference_images[0].name))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert log_count(comfy, "ArtQuant: loaded free_me (") == 1
+    assert log_count(comfy, "ArtQuant: released free_me (") == 0  # ComfyUI's node cache holds it
+    free_models_and_cache(comfy)
+    wait_for_log(comfy, "ArtQuant: released free_me (0 copies held)")
+
+
+def test_presets_share_one_copy_of_the_weights(comfy, reference_dir, reference_images, golden):
+    (comfy.base / "models" / "artquant" / "share_me").symlink_to(reference_dir / "artquant_lora", target_is_directory=True)
+    workflow = {**score_workflow("share_me", reference_images[0].name, "artquant", "_a"),
+                **score_workflow("share_me", reference_images[0].name, "deqa-score", "_b")}
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert log_count(comfy, "ArtQuant: loaded share_me (") == 1
+    artquant, deqa = float(preview_texts(entry, "show_a")[0]), float(preview_texts(entry, "show_b")[0])
+    np.testing.assert_allclose(artquant, golden["lora_scores"][0], atol=1e-4)
+    assert 1.0 <= deqa <= 5.0 and abs(deqa - artquant) > 1e-3
+
+
+def test_a_replaced_checkpoint_folder_is_reloaded_without_free(comfy, reference_dir, reference_images, golden):
+    folder = comfy.base / "models" / "artquant" / "swap_me"
+    shutil.copytree(reference_dir / "mplug_owl2_base", folder)
+    first = comfy.run(score_workflow("swap_me", reference_images[0].name))
+    assert first["status"]["status_str"] == "success", first["status"]
+    np.testing.assert_allclose(float(preview_texts(first, "show")[0]), golden["base_scores"][0], atol=1e-4)
+    shutil.rmtree(folder)
+    shutil.copytree(reference_dir / "artquant_lora", folder)  # its base resolves to models/artquant/mplug_owl2_base
+    second = comfy.run(score_workflow("swap_me", reference_images[0].name))
+    assert second["status"]["status_str"] == "success", second["status"]
+    np.testing.assert_allclose(float(preview_texts(second, "show")[0]), golden["lora_scores"][0], atol=1e-4)
+    assert log_count(comfy, "ArtQuant: loaded swap_me (") == 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ArtQuant Guidance on tiny models of two families, and best-of-N re-sampling
+# ------------------------------------------------------------------------------------------------------------------
+def tiny_sampling(workflow: dict, family: str, batch: int) -> None:
+    workflow["tiny"] = {"class_type": "TinyArtQuantTestModel", "inputs": {"family": family, "seed": 0}}
+    empty = "EmptyLatentImage" if family == "sd1-eps" else "EmptySD3LatentImage"
+    workflow["empty"] = {"class_type": empty, "inputs": {"width": 64, "height": 64, "batch_size": batch}}
+
+
+def ksampler(model: list, seed: int, steps: int, sampler: str, latent: list, scheduler: str = "normal") -> dict:
+    return {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler, "scheduler": scheduler,
+        "positive": ["tiny", 2], "negative": ["tiny", 2], "latent_image": latent, "denoise": 1.0}}
+
+
+def scored(workflow: dict, name: str, latent: list) -> None:
+    workflow[f"decode_{name}"] = {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": ["tiny", 1]}}
+    workflow[f"score_{name}"] = {"class_type": "ArtQuantScore",
+                                 "inputs": {"artquant_model": ["model", 0], "images": [f"decode_{name}", 0], "batch_size": 8}}
+    workflow[f"show_{name}"] = {"class_type": "PreviewAny", "inputs": {"source": [f"score_{name}", 0]}}
+
+
+@pytest.mark.parametrize(("family", "sampler", "scheduler"), [("sd1-eps", "euler", "normal"), ("sd3-flow", "dpmpp_2m", "simple")])
+def test_guidance_raises_the_mean_score_over_unguided_sampling_with_the_same_seeds(comfy, family, sampler, scheduler):
+    workflow = {"model": loader_node()}
+    tiny_sampling(workflow, family, batch=4)
+    workflow["guide"] = {"class_type": "ArtQuantGuidance", "inputs": {
+        "model": ["tiny", 0], "artquant_model": ["model", 0], "vae": ["tiny", 1], "scale": 0.3,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    workflow["plain"] = ksampler(["tiny", 0], 7, 5, sampler, ["empty", 0], scheduler)
+    workflow["guided"] = ksampler(["guide", 0], 7, 5, sampler, ["empty", 0], scheduler)
+    scored(workflow, "plain", ["plain", 0])
+    scored(workflow, "guided", ["guided", 0])
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    plain = [float(t) for t in preview_texts(entry, "show_plain")]
+    guided = [float(t) for t in preview_texts(entry, "show_guided")]
+    assert len(plain) == len(guided) == 4
+    assert np.mean(guided) > np.mean(plain) + 0.1, (plain, guided)
+
+
+def test_guidance_refuses_a_window_that_ends_before_it_starts(comfy):
+    workflow = {"model": loader_node()}
+    tiny_sampling(workflow, "sd1-eps", batch=1)
+    workflow["guide"] = {"class_type": "ArtQuantGuidance", "inputs": {
+        "model": ["tiny", 0], "artquant_model": ["model", 0], "vae": ["tiny", 1], "scale": 0.3,
+        "start_percent": 0.8, "end_percent": 0.2}}
+    workflow["guided"] = ksampler(["guide", 0], 7, 2, "euler", ["empty", 0])
+    workflow["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["guided", 0], "filename_prefix": "never"}}
+    request = urllib.request.Request(comfy.url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert "start_percent (0.8) is after end_percent (0.2)" in refused.value.read().decode()
+
+
+def test_best_of_n_keeps_the_winners_latents_so_the_same_seed_recreates_them(comfy):
+    """KSampler batch -> VAE Decode -> Rank (with the batch's starting latent) -> KSampler on top_k_latent with the
+    same seed: ComfyUI draws each batch item's noise by its batch_index, so the winners come back."""
+    workflow = {"model": loader_node()}
+    tiny_sampling(workflow, "sd1-eps", batch=4)
+    workflow["batch"] = ksampler(["tiny", 0], 11, 3, "euler", ["empty", 0])
+    workflow["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["batch", 0], "vae": ["tiny", 1]}}
+    workflow["rank"] = {"class_type": "ArtQuantRank", "inputs": {"artquant_model": ["model", 0], "images": ["decode", 0],
+                                                                "top_k": 2, "latent": ["empty", 0]}}
+    workflow["show_sorted"] = {"class_type": "PreviewAny", "inputs": {"source": ["rank", 3]}}
+    workflow["show_report"] = {"class_type": "PreviewAny", "inputs": {"source": ["rank", 7]}}
+    workflow["again"] = ksampler(["tiny", 0], 11, 3, "euler", ["rank", 6])
+    scored(workflow, "again", ["again", 0])
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    winners = [float(t) for t in preview_texts(entry, "show_sorted")][:2]
+    again = [float(t) for t in preview_texts(entry, "show_again")]
+    # Same noise and model; the batch of 2 sums in another order than the batch of 4, and pixels round to 8 bits.
+    np.testing.assert_allclose(again, winners, atol=0.05)
+    assert preview_texts(entry, "show_report")[0].startswith("#1: batch index ")

@@ -1,29 +1,35 @@
-"""The ComfyUI nodes called directly, as ComfyUI would, with IMAGE batches [B, H, W, 3] in [0, 1] and the fixture.
+"""The logic below the ComfyUI nodes, called as the nodes call it, without ComfyUI (CI has none): model lifetime and
+sharing, scoring/ranking/filtering/describing IMAGE batches [B, H, W, 3] in [0, 1], and the reward guidance step.
 
-ComfyUI itself is absent here, so the memory-management path is the plain torch one (see test_comfy_integration.py
-for a real ComfyUI).
+The V3 node classes themselves, the memory management and the guided samplers run in a real ComfyUI in
+test_comfy_integration.py.
 """
 
 from __future__ import annotations
 
+import gc
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from artquant.artquant_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from artquant.artquant_nodes.model_handle import ArtQuantModel
-from artquant.artquant_nodes.nodes import (
-    NO_LOCAL_MODEL,
-    ArtQuantDescribe,
-    ArtQuantFilter,
-    ArtQuantLoader,
-    ArtQuantRank,
-    ArtQuantScore,
-    ArtQuantScoreOverlay,
+from artquant.artquant_nodes import guidance, model_handle
+from artquant.artquant_nodes.model_handle import WEIGHTS, ArtQuantModel, folder_fingerprint, load_model
+from artquant.artquant_nodes.operations import (
+    check_images,
+    check_threshold,
+    describe_images,
+    filter_mask,
+    overlay_scores,
+    rank_batch,
+    reorder_latent,
+    reorder_mask,
+    score_images,
+    score_report,
 )
-from artquant.scorer import CheckpointError
+from artquant.scorer import PRESETS, ArtQuantScorer, CheckpointError
 from PIL import Image
 
 
@@ -35,154 +41,280 @@ def comfy_image(path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def handle(lora_scorer) -> ArtQuantModel:
-    return ArtQuantModel(lora_scorer)
+    return ArtQuantModel.from_scorer(lora_scorer)
 
 
 @pytest.fixture(scope="module")
 def batch16() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.rand(16, 48, 40, 3, generator=generator)
+    return torch.rand(16, 48, 40, 3, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
-def batch16_scores(handle, batch16) -> list[float]:
-    return ArtQuantScore().score(handle, batch16, batch_size=8)[0]
+def batch16_scores(lora_scorer, batch16) -> list[float]:
+    return [r.score for r in lora_scorer.score(batch16, layout="BHWC")]
 
 
-def test_every_node_is_documented_and_consistent():
-    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
-    for name, node in NODE_CLASS_MAPPINGS.items():
-        assert node.CATEGORY == "ArtQuant", name
-        assert node.DESCRIPTION and callable(getattr(node, node.FUNCTION)), name
-        for section in node.INPUT_TYPES().values():
-            for input_name, (_, options) in section.items():
-                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
-        assert len(node.RETURN_NAMES) == len(node.RETURN_TYPES) == len(node.OUTPUT_TOOLTIPS), name
-        assert len(getattr(node, "OUTPUT_IS_LIST", node.RETURN_TYPES)) == len(node.RETURN_TYPES), name
-
-
-def test_pack_imports_without_comfyui():
-    code = "import sys, artquant.artquant_nodes as n; assert n.NODE_CLASS_MAPPINGS; print(any(m.split('.')[0] in ('comfy', 'folder_paths') for m in sys.modules))"
+# ------------------------------------------------------------------------------------------------------------------
+# The package and its one ComfyUI export
+# ------------------------------------------------------------------------------------------------------------------
+def test_pack_imports_without_comfyui_and_exports_only_the_v3_entry_point():
+    code = (
+        "import sys, inspect, artquant, artquant.artquant_nodes as n;"
+        "print(inspect.iscoroutinefunction(artquant.comfy_entrypoint), hasattr(artquant, 'NODE_CLASS_MAPPINGS'),"
+        " hasattr(n, 'NODE_CLASS_MAPPINGS'), any(m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths') for m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert result.stdout.split() == ["True", "False", "False", "False"]
 
 
-def test_loader_loads_once_and_scores_like_the_reference(reference_dir, reference_images, golden):
-    loader = ArtQuantLoader()
-    release = str(reference_dir / "artquant_lora")
-    arguments = {"preset": "artquant", "model": NO_LOCAL_MODEL, "dtype": "fp32", "device": "cpu", "model_id": release}
-    (handle,) = loader.load(**arguments)
-    assert loader.load(**arguments)[0] is handle  # cached: no reload per execution
-    assert handle.patcher is None and handle.ready().device == torch.device("cpu")
-    scores = [ArtQuantScore().score(handle, comfy_image(path))[0][0] for path in reference_images]
+# ------------------------------------------------------------------------------------------------------------------
+# Model lifetime: one copy per checkpoint files + dtype + device + quantization, held only by ComfyUI
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def release_copy(tmp_path, reference_dir):
+    """A private copy of the LoRA release and its base (the release records its base as ../mplug_owl2_base)."""
+    for name in ("artquant_lora", "mplug_owl2_base"):
+        shutil.copytree(reference_dir / name, tmp_path / name)
+    return tmp_path / "artquant_lora"
+
+
+def test_presets_share_one_copy_of_the_weights_and_score_as_if_loaded_with_them(release_copy, reference_images):
+    artquant = load_model(str(release_copy), None, "artquant", "fp32", "cpu")
+    deqa = load_model(str(release_copy), None, "deqa-score", "fp32", "cpu")
+    assert deqa.weights is artquant.weights and deqa.scorer.model is artquant.scorer.model
+    loaded_with_preset = ArtQuantScorer.from_pretrained(release_copy, preset="deqa-score", dtype="fp32", device="cpu")
+    expected = [r.score for r in loaded_with_preset.score(reference_images[:2])]
+    got = [r.score for r in deqa.scorer.score(reference_images[:2])]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    low, high = PRESETS["deqa-score"].score_range
+    assert all(low <= s <= high for s in got)
+    assert load_model(str(release_copy), None, "artquant", "fp16", "cpu").weights is not artquant.weights  # dtype: own copy
+
+
+def test_the_cache_never_keeps_weights_alive(release_copy):
+    model = load_model(str(release_copy), None, "artquant", "fp32", "cpu")
+    held = len(WEIGHTS)
+    network = model.scorer.model
+    del model
+    gc.collect()
+    assert len(WEIGHTS) == held - 1
+    assert load_model(str(release_copy), None, "artquant", "fp32", "cpu").scorer.model is not network
+
+
+def test_a_replaced_checkpoint_folder_loads_anew(release_copy, tmp_path):
+    before = folder_fingerprint(str(release_copy))
+    old = load_model(str(release_copy), None, "artquant", "fp32", "cpu")
+    assert folder_fingerprint(str(release_copy)) == before  # stable while nothing changes
+    assert load_model(str(release_copy), None, "artquant", "fp32", "cpu").weights is old.weights
+    replacement = tmp_path / "replacement"
+    shutil.copytree(release_copy, replacement)
+    shutil.rmtree(release_copy)
+    replacement.rename(release_copy)
+    assert folder_fingerprint(str(release_copy)) != before
+    assert load_model(str(release_copy), None, "artquant", "fp32", "cpu").weights is not old.weights
+
+
+def test_memory_required_grows_with_the_batch_and_the_kept_graph(handle):
+    one, eight = handle.weights.memory_required(1), handle.weights.memory_required(8)
+    assert eight == 8 * one > 0
+    assert handle.weights.memory_required(1, keep_graph=True) > one
+
+
+def test_outside_comfyui_there_is_no_patcher_and_ready_returns_the_scorer(handle):
+    assert handle.patcher is None and handle.ready(4) is handle.scorer
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("{tmp}/missing", "neither a checkpoint folder nor a Hugging Face id"),
+        ("{tmp}", "holds no checkpoint"),
+        ("ArtQuant", "no checkpoint folder 'ArtQuant' in models/artquant/"),
+        ("", "No ArtQuant model chosen"),
+    ],
+)
+def test_missing_models_raise_clear_errors(tmp_path, model, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_model(model_handle.resolve_checkpoint(model.format(tmp=tmp_path)), None, "artquant", "fp32", "cpu")
+
+
+def test_checkpoint_lists_tell_full_checkpoints_from_lora_releases(reference_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for name in ("artquant_lora", "mplug_owl2_base"):
+        (tmp_path / name).symlink_to(reference_dir / name, target_is_directory=True)
+    assert model_handle.checkpoint_folders([tmp_path]) == ["artquant_lora", "mplug_owl2_base"]
+    assert model_handle.checkpoint_folders([tmp_path], full_only=True) == ["mplug_owl2_base"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Scoring, ranking (best-of-N), filtering, describing
+# ------------------------------------------------------------------------------------------------------------------
+def test_scores_equal_the_reference(handle, reference_images, golden):
+    scores = [score_images(handle, comfy_image(path))[0].score for path in reference_images]
     np.testing.assert_allclose(scores, golden["lora_scores"], atol=1e-4)
 
 
-def test_score_outputs_one_score_and_std_per_image(handle, batch16, batch16_scores):
-    scores, stds, report = ArtQuantScore().score(handle, batch16[:3])
-    assert len(scores) == len(stds) == 3
-    assert all(1.0 <= s <= 10.0 for s in scores) and all(s > 0 for s in stds)
-    assert report.count("\n") == 3 and f"{scores[2]:.3f}" in report
-    assert report.splitlines()[0].endswith(("(excellent)", "(good)", "(fair)", "(poor)", "(bad)"))
-    np.testing.assert_allclose(scores, batch16_scores[:3], atol=1e-5)
-
-
 def test_scores_do_not_depend_on_the_batch(handle, batch16, batch16_scores):
-    alone = [ArtQuantScore().score(handle, batch16[i : i + 1])[0][0] for i in (0, 7, 15)]
+    # Batch shapes change the summation order: equal within 1e-5, never exactly.
+    alone = [score_images(handle, batch16[i : i + 1])[0].score for i in (0, 7, 15)]
     np.testing.assert_allclose(alone, [batch16_scores[i] for i in (0, 7, 15)], atol=1e-5)
-    whole = ArtQuantScore().score(handle, batch16, batch_size=16)[0]
+    whole = [r.score for r in score_images(handle, batch16, batch_size=16)]
     np.testing.assert_allclose(whole, batch16_scores, atol=1e-5)
-    shuffled = torch.randperm(16, generator=torch.Generator().manual_seed(1))
-    np.testing.assert_allclose(ArtQuantScore().score(handle, batch16[shuffled])[0], np.array(batch16_scores)[shuffled], atol=1e-5)
 
 
-def test_rank_sorts_best_first_and_reorders_latent_and_mask(handle, batch16, batch16_scores):
-    batch = batch16[:6]
-    latent = {"samples": torch.arange(6.0).view(6, 1, 1, 1).expand(6, 4, 6, 5).clone()}
-    mask = torch.arange(6.0).view(6, 1, 1).expand(6, 48, 40).clone()
-    ranked, top, rest, scores, ranked_latent, ranked_mask = ArtQuantRank().rank(handle, batch, top_k=2, latent=latent, mask=mask)
+def test_report_has_a_line_per_image_and_the_model_answer(handle, batch16, batch16_scores):
+    report = score_report(score_images(handle, batch16[:3]))
+    assert report.count("\n") == 3 and f"{batch16_scores[2]:.3f}" in report
+    assert report.splitlines()[0].endswith(tuple(f"({word})" for word in PRESETS["artquant"].level_names))
+
+
+def test_rank_orders_best_first_and_keeps_each_latent_with_its_noise_index(handle, batch16, batch16_scores):
+    ranking = rank_batch(handle, batch16[:6], top_k=2)
     order = np.argsort(-np.array(batch16_scores[:6]), kind="stable")
-    torch.testing.assert_close(ranked, batch[order])
-    torch.testing.assert_close(top, batch[order[:2]])
-    torch.testing.assert_close(rest, batch[order[2:]])
-    np.testing.assert_allclose(scores, np.array(batch16_scores[:6])[order], atol=1e-5)
-    assert scores == sorted(scores, reverse=True)
-    assert ranked_latent["samples"][:, 0, 0, 0].tolist() == order.tolist()
-    assert ranked_mask[:, 0, 0].tolist() == order.tolist()
+    assert ranking.order.tolist() == order.tolist() and ranking.top_k == 2
+    np.testing.assert_allclose(ranking.scores, np.array(batch16_scores[:6])[order], atol=1e-5)
+    latent = {"samples": torch.arange(6.0).view(6, 1, 1, 1).expand(6, 4, 6, 5).clone()}
+    ranked = reorder_latent(latent, ranking.order, 6)
+    assert ranked["samples"][:, 0, 0, 0].tolist() == order.tolist()
+    assert ranked["batch_index"] == order.tolist()  # a KSampler with the same seed regenerates each one's noise
+    twice = reorder_latent(ranked, torch.tensor([1, 0, 2, 3, 4, 5]), 6)
+    assert twice["batch_index"][:2] == [order[1], order[0]]  # indices of the original batch, not of the sorted one
+    report = ranking.report(seed=42)
+    assert report.splitlines()[0] == f"#1: seed 42, batch index {order[0]}, score {ranking.scores[0]:.3f}"
+    assert report.count("\n") == 1
 
 
-def test_rank_rejects_a_latent_of_another_batch(handle, batch16):
-    with pytest.raises(ValueError, match="latent batch has 2 items but the images 3"):
-        ArtQuantRank().rank(handle, batch16[:3], top_k=1, latent={"samples": torch.zeros(2, 4, 6, 5)})
+def test_rank_keeps_masks_with_their_images(batch16):
+    mask = torch.arange(6.0).view(6, 1, 1).expand(6, 48, 40).clone()
+    order = torch.tensor([3, 1, 0, 2, 5, 4])
+    assert reorder_mask(mask, order, 6)[:, 0, 0].tolist() == order.tolist()
+    assert reorder_mask(mask[:1], order, 6) is not None  # one mask for the whole batch stays as it is
+    with pytest.raises(ValueError, match="mask batch has 2 masks but the images 6"):
+        reorder_mask(mask[:2], order, 6)
+    with pytest.raises(ValueError, match="latent batch has 2 items but the images 6"):
+        reorder_latent({"samples": torch.zeros(2, 4, 6, 5)}, order, 6)
 
 
-def test_rank_with_k_covering_the_batch_leaves_rest_empty(handle, batch16):
-    ranked, top, rest, *_ = ArtQuantRank().rank(handle, batch16[:1], top_k=5)
-    assert top.shape[0] == ranked.shape[0] == 1 and rest.shape == (0, 48, 40, 3)
+def test_filter_keeps_images_at_or_above_the_threshold():
+    keep, report = filter_mask([5.0, 7.5, 6.0, 2.0], 6.0)
+    assert keep.tolist() == [False, True, True, False] and report == "2 of 4 images reached 6: [1, 2]."
+    keep, report = filter_mask([5.0, 2.0], 6.0)
+    assert not keep.any() and report == "None of the 2 images reached 6 (best 5.000); nothing passed."
 
 
-def test_filter_keeps_images_at_or_above_the_threshold(handle, batch16, batch16_scores):
-    batch, scores = batch16[:8], np.array(batch16_scores[:8])
-    threshold = float(np.median(scores))
-    kept, rejected, count, report = ArtQuantFilter().filter(handle, batch, threshold)
-    expected = scores >= threshold
-    assert count == expected.sum() == kept.shape[0]
-    torch.testing.assert_close(kept, batch[torch.from_numpy(expected)])
-    torch.testing.assert_close(rejected, batch[torch.from_numpy(~expected)])
-    assert f"{count} of 8" in report
-
-
-def test_filter_says_so_when_no_image_passes(handle, batch16, batch16_scores):
-    kept, rejected, count, report = ArtQuantFilter().filter(handle, batch16[:4], max(batch16_scores[:4]) + 0.01)
-    assert count == 0 and kept.shape == (0, 48, 40, 3) and rejected.shape[0] == 4
-    assert report.startswith("None of the 4 images")
+@pytest.mark.parametrize(("preset", "threshold", "ok"), [("artquant", 1.0, True), ("artquant", 10.0, True),
+                                                          ("artquant", 0.5, False), ("deqa-score", 6.0, False)])
+def test_threshold_must_lie_in_the_presets_score_range(preset, threshold, ok):
+    if ok:
+        check_threshold(threshold, PRESETS[preset])
+    else:
+        with pytest.raises(ValueError, match=f"outside the {preset} preset's score range"):
+            check_threshold(threshold, PRESETS[preset])
 
 
 def test_overlay_draws_in_the_corner_only(handle, batch16):
-    (drawn,) = ArtQuantScoreOverlay().overlay(handle, batch16[:2])
+    drawn = overlay_scores(handle, batch16[:2])
     assert drawn.shape == (2, 48, 40, 3)
     assert not torch.allclose(drawn[:, :6, :6], batch16[:2, :6, :6])
     torch.testing.assert_close(drawn[:, -8:, -8:], (batch16[:2, -8:, -8:] * 255).round() / 255)
 
 
-def test_describe_returns_text(handle, batch16):
-    (text,) = ArtQuantDescribe().describe(handle, batch16[:2], max_new_tokens=4)
+def test_describe_gives_a_paragraph_per_image(handle, batch16):
+    text = describe_images(handle, batch16[:2], max_new_tokens=4)
     assert text.startswith("Image 0: ") and "\n\nImage 1: " in text
+
+
+def test_describe_stops_between_tokens_when_cancelled(handle, batch16):
+    calls = []
+
+    def cancel_after_two_tokens():
+        calls.append(1)
+        if len(calls) == 2:
+            raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        describe_images(handle, batch16[:1], max_new_tokens=50, check_cancel=cancel_after_two_tokens)
+    assert len(calls) == 2
+
+
+NAN_SECOND = torch.full((3, 8, 8, 3), 0.5).index_fill_(0, torch.tensor([1, 2]), float("nan"))
 
 
 @pytest.mark.parametrize(
     ("images", "message"),
     [
         (torch.zeros(0, 8, 8, 3), "batch is empty"),
-        (torch.full((2, 8, 8, 3), 0.5).index_fill_(0, torch.tensor([1]), float("nan")), r"image 0\[1\]: .*NaN.* Fix or remove"),
+        (NAN_SECOND, r"2 of 3 images cannot be scored: image 0\[1\]: .*NaN.* image 0\[2\]: .*NaN.* Fix or remove"),
         (torch.rand(1, 8, 8, 1), "grey"),
         (torch.rand(1, 8, 8, 4), "4-channel"),
         (torch.rand(8, 8, 3), r"\[B, H, W, 3\]"),
-        (torch.full((1, 8, 8, 3), 2.0), "must be in \\[0, 1\\]"),
+        (torch.full((1, 8, 8, 3), 2.0), r"must be in \[0, 1\]"),
+        (torch.zeros(4, 8, 8, 3, dtype=torch.int64), "holds floats in \\[0, 1\\], got torch.int64"),
+        (torch.zeros(2, 8, 8, 3, device="meta"), "meta device"),
     ],
 )
-def test_bad_images_raise_a_message_that_says_what_to_do(handle, images, message):
-    for node, arguments in ((ArtQuantScore(), {}), (ArtQuantRank(), {"top_k": 1}), (ArtQuantFilter(), {"threshold": 5.0})):
+def test_bad_images_raise_naming_every_bad_image_on_every_node_path(handle, images, message):
+    paths = (
+        lambda: check_images(images),
+        lambda: score_images(handle, images),
+        lambda: rank_batch(handle, images, 1),
+        lambda: overlay_scores(handle, images),
+        lambda: describe_images(handle, images, max_new_tokens=2),  # raises like the others (no text in its place)
+    )
+    for path in paths:
         with pytest.raises(ValueError, match=message):
-            getattr(node, node.FUNCTION)(handle, images, **arguments)
+            path()
 
 
-def test_describe_rejects_nan_images(handle):
-    with pytest.raises(ValueError, match=r"Images \[0\] .* NaN"):
-        ArtQuantDescribe().describe(handle, torch.full((1, 8, 8, 3), float("nan")), max_new_tokens=2)
+# ------------------------------------------------------------------------------------------------------------------
+# Reward guidance (the step the ArtQuant Guidance node runs at each guided sampler step)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("sigma", "inside"), [(5.0, True), (10.0, True), (1.0, True), (10.5, False), (0.5, False)])
+def test_the_window_is_between_its_start_and_end_sigmas(sigma, inside):
+    assert guidance.in_window(sigma, sigma_start=10.0, sigma_end=1.0) is inside
 
 
-def test_missing_model_and_empty_model_folder_raise_clear_errors(tmp_path):
-    loader = ArtQuantLoader()
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a Hugging Face id"):
-        loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu", model_id=str(tmp_path / "missing"))
-    with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu", model_id=str(tmp_path))
-    with pytest.raises(CheckpointError, match="no checkpoint folder 'ArtQuant' in models/artquant/"):
-        loader.load("artquant", "ArtQuant", "fp32", "cpu")
-    with pytest.raises(CheckpointError, match="No ArtQuant model chosen"):
-        loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu")
-    (tmp_path / "config.json").write_text('{"model_type": "mplug_owl2"}')
-    with pytest.raises(CheckpointError, match="Could not load an mPLUG-Owl2 checkpoint"):
-        loader.load("artquant", NO_LOCAL_MODEL, "fp32", "cpu", model_id=str(tmp_path))
+def brightness(images: torch.Tensor) -> torch.Tensor:
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_a_guided_step_moves_each_prediction_up_the_reward_by_scale_times_its_rms():
+    denoised = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    decode = torch.nn.Conv2d(4, 3, 1)
+    step = guidance.RewardGuidance(decode=lambda z: torch.sigmoid(decode(z)), reward=brightness, scale=0.1, chunk=3)
+    moved = step(denoised)
+    with torch.no_grad():
+        before, after = brightness(torch.sigmoid(decode(denoised))), brightness(torch.sigmoid(decode(moved)))
+    assert (after > before).all()
+    change = guidance.per_image_rms(moved - denoised).flatten()
+    torch.testing.assert_close(change, 0.1 * guidance.per_image_rms(denoised).flatten(), rtol=1e-4, atol=0)
+    one_at_a_time = guidance.RewardGuidance(decode=lambda z: torch.sigmoid(decode(z)), reward=brightness, scale=0.1, chunk=1)
+    torch.testing.assert_close(one_at_a_time(denoised), moved, rtol=1e-5, atol=1e-6)  # chunking changes only memory
+
+
+def test_guidance_differentiates_weights_made_in_inference_mode_and_puts_them_back():
+    with torch.inference_mode():  # as ComfyUI executes nodes, and so loads and moves models
+        decode = torch.nn.Conv2d(4, 3, 1)
+        denoised = torch.randn(2, 4, 8, 8)
+        original = decode.weight
+        step = guidance.RewardGuidance(lambda z: torch.sigmoid(decode(z)), brightness, 0.1, chunk=2, modules=(decode,))
+        moved = step(denoised)
+    assert not torch.equal(moved, denoised)
+    assert decode.weight is original and decode.weight.is_inference()
+
+
+def test_guidance_through_the_real_scorer_raises_the_score(lora_scorer):
+    projection = torch.nn.Conv2d(4, 3, 1)
+    torch.nn.init.normal_(projection.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+
+    def decode(latent):  # a stand-in VAE: 4-channel latents at 1/8 size -> RGB in [0, 1]
+        return torch.sigmoid(torch.nn.functional.interpolate(projection(latent), scale_factor=8, mode="bilinear"))
+
+    def reward(images):
+        return lora_scorer.score_tensor(images).scores
+
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    moved = guidance.RewardGuidance(decode, reward, scale=0.2, chunk=2)(latent)
+    with torch.no_grad():
+        assert (reward(decode(moved)) > reward(decode(latent))).all()
