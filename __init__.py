@@ -1,7 +1,7 @@
 """artquant: the ArtQuant aesthetic scorer for AI-generated and artistic images.
 
-Importing this package is cheap (no torch, no model): the public names load on first use. ComfyUI reads
-`NODE_CLASS_MAPPINGS` when the folder sits in `ComfyUI/custom_nodes/`.
+Importing this package is cheap (no torch, no model): the public names load on first use. ComfyUI calls
+`comfy_entrypoint` (its V3 node interface) when the folder sits in `ComfyUI/custom_nodes/`.
 """
 
 from importlib import import_module
@@ -16,9 +16,9 @@ _PUBLIC = {
     "LevelScores": ".scorer",
     "PRESETS": ".scorer",
     "Preset": ".scorer",
-    # Read by ComfyUI when this folder sits in custom_nodes/; resolved on first access, so `import artquant` stays cheap.
-    "NODE_CLASS_MAPPINGS": ".artquant_nodes",
-    "NODE_DISPLAY_NAME_MAPPINGS": ".artquant_nodes",
+    # Called by ComfyUI when this folder sits in custom_nodes/; resolved on first access, so `import artquant` stays
+    # cheap. The only ComfyUI export: ComfyUI prefers NODE_CLASS_MAPPINGS (V1) over it when a module has both.
+    "comfy_entrypoint": ".artquant_nodes",
 }
 
 __all__ = [*_PUBLIC, "__version__"]
