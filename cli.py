@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import math
+import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 RESULT_FIELDS = ("path", "score", "std", "error")
+MAX_PIXELS_HELP = "refuse (as a per-image error) images with more pixels (default: PIL's bomb limit, 178956970)"
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,65 +30,157 @@ def _load_scorer(args):
     return ArtQuantScorer.from_pretrained(args.model, base=args.base, preset=args.preset, dtype=args.dtype, device=args.device)
 
 
-def _image_paths(paths: list[str]) -> list[Path]:
+class OutputError(Exception):
+    """An output file that cannot be used (wrong suffix, unwritable, locked by another run): exit code 2."""
+
+
+def _shown(text: str) -> str:
+    """`text` on one line of valid UTF-8: a name with a tab, newline or other control character, undecodable bytes
+    (non-UTF-8 file names) or a leading double quote is shown as a JSON string literal instead, so rows stay
+    unambiguous."""
+    return text if text.isprintable() and not text.startswith('"') else json.dumps(text)
+
+
+def _csv_cell(value):
+    """A CSV cell that a spreadsheet shows as text: a leading = + - @ (a formula) gets a quote mark in front."""
+    if not isinstance(value, str):
+        return value
+    value = _shown(value)
+    return "'" + value if value.startswith(("=", "+", "-", "@")) else value
+
+
+def _image_paths(arguments: list[str], failures: list[tuple[str, str]]) -> list[str]:
+    """Absolute, normalised paths of the images under `arguments` (files as given, folders recursed), each once:
+    `dir` and `/abs/dir` name the same images. Folders that cannot be listed go to `failures` as (path, message)."""
     from .scorer.images import iter_image_files
 
-    return list(iter_image_files(paths))
+    def unlistable(folder: Path, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        failures.append((os.path.abspath(folder), f"{folder}: cannot list the folder ({reason}); its images were not scored."))
+
+    return list(dict.fromkeys(os.path.abspath(path) for path in iter_image_files(arguments, on_error=unlistable)))
 
 
-def _done_paths(out: Path) -> set[str]:
-    """Paths already scored in a JSONL file of an earlier run (a torn last line, from a kill, is ignored)."""
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _done_paths(lines: Iterable[bytes]) -> set[str]:
+    """Images already scored in a JSONL file of an earlier run, as absolute paths. Torn lines (a kill), foreign
+    lines and rows without a finite score are ignored: those images are scored again."""
     done = set()
-    if out.suffix == ".jsonl" and out.exists():
-        for line in out.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("error") is None:
-                done.add(row["path"])
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # also UnicodeDecodeError
+            continue
+        if isinstance(row, dict) and isinstance(row.get("path"), str) and row.get("error") is None \
+                and _finite_number(row.get("score")):
+            done.add(os.path.abspath(row["path"]))
     return done
 
 
+def _lock(handle, out: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; two runs on one file are the user's to avoid
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise OutputError(f"{out} is being written by another artquant process; wait for it to finish or choose "
+                          "another --out.") from None
+
+
 class ResultWriter:
-    """Rows to CSV (rewritten whole) or JSONL (appended and flushed per batch, so a rerun can resume)."""
+    """Rows to stdout, CSV or JSONL, each batch written and flushed as soon as it is scored, so a kill loses
+    nothing finished. The file is checked, opened and locked before the model loads. JSONL appends and resumes (a
+    rerun skips images already scored); CSV is rewritten from the first finished batch on (an earlier CSV survives
+    a run that fails before scoring anything). Numbers that are not finite are written as null/empty, never NaN."""
 
     def __init__(self, out: Path | None, level_names: tuple[str, ...]):
         self.out, self.fields = out, [*RESULT_FIELDS[:3], *(f"p_{n}" for n in level_names), "error"]
         self.rows: list[dict] = []
-        self.stream = None
-        if out is not None and out.suffix == ".jsonl":
+        self.done: set[str] = set()
+        self.handle = None
+        self.started = False
+        if out is None:
+            return
+        if out.suffix not in (".csv", ".jsonl"):
+            raise OutputError(f"--out must end in .csv or .jsonl, not {_shown(out.name)}.")
+        if out.is_dir():
+            raise OutputError(f"--out {_shown(str(out))} is a folder; name a .csv or .jsonl file.")
+        existed = out.exists()
+        try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            torn = out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n")
-            self.stream = out.open("a")
-            if torn:  # a killed run's half-written line stays on its own line
-                self.stream.write("\n")
-        elif out is not None and out.suffix != ".csv":
-            raise SystemExit(f"--out must end in .csv or .jsonl, not {out.name}")
+            self.handle = out.open("ab+")
+        except OSError as error:
+            raise OutputError(f"cannot write --out {_shown(str(out))} ({error.strerror or error}); choose a writable "
+                              "folder.") from None
+        self.created = not existed
+        _lock(self.handle, out)
+        if out.suffix == ".jsonl":
+            self.handle.seek(0)
+            self.done = _done_paths(self.handle)
+            self.handle.seek(0, os.SEEK_END)
+            if self.handle.tell():
+                self.handle.seek(-1, os.SEEK_END)
+                if self.handle.read(1) != b"\n":  # a killed run's half-written line stays on its own line
+                    self._write("\n")
 
-    def add(self, path: Path, result) -> None:
-        row = {"path": str(path), "score": result.score, "std": result.std}
-        row.update({f"p_{k}": v for k, v in result.level_probs.items()})
-        row["error"] = result.error
-        if not result.ok:
-            row.update({k: None for k in row if k not in ("path", "error")})
+    def _write(self, text: str) -> None:
+        try:
+            self.handle.write(text.encode("utf-8"))
+        except OSError as error:
+            raise OutputError(f"writing {_shown(str(self.out))} failed ({error.strerror or error}); the rows written "
+                              "before it are kept (a .jsonl run resumes from them).") from None
+
+    def add(self, path: str, result) -> None:
+        """One scored (or failed) image, as an `ImageScore`."""
+        probs = {f"p_{k}": v for k, v in result.level_probs.items()}
+        self.add_row({"path": path, "score": result.score, "std": result.std, **probs, "error": result.error})
+
+    def add_failure(self, path: str, message: str) -> None:
+        self.add_row({"path": path, "error": message})
+
+    def add_row(self, values: dict) -> None:
+        row = {f: values.get(f) for f in self.fields}
+        if row["error"] is not None:  # a failed row holds no numbers
+            row = {f: row[f] if f in ("path", "error") else None for f in self.fields}
+        row = {f: None if isinstance(v, float) and not math.isfinite(v) else v for f, v in row.items()}
         self.rows.append(row)
-        if self.stream is not None:
-            self.stream.write(json.dumps(row) + "\n")
+        if self.out is None:
+            shown = "error: " + _shown(row["error"]) if row["error"] else f"{row['score']:.4f} ± {row['std']:.4f}"
+            print(f"{_shown(row['path'])}\t{shown}")
+        elif self.out.suffix == ".jsonl":
+            self._write(json.dumps(row, allow_nan=False) + "\n")
+        else:
+            if not self.started:
+                self.handle.truncate(0)
+                self._write(self._csv_line(self.fields))
+            self._write(self._csv_line([_csv_cell(row[f]) for f in self.fields]))
+        self.started = True
+
+    @staticmethod
+    def _csv_line(cells: list) -> str:
+        line = io.StringIO()
+        csv.writer(line).writerow(cells)
+        return line.getvalue()
 
     def flush(self) -> None:
-        if self.stream is not None:
-            self.stream.flush()
+        if self.handle is not None:
+            try:
+                self.handle.flush()
+            except OSError as error:
+                raise OutputError(f"writing {_shown(str(self.out))} failed ({error.strerror or error}).") from None
+        sys.stdout.flush()
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        elif self.out is not None:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            with self.out.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.fields)
-                writer.writeheader()
-                writer.writerows(self.rows)
+        if self.handle is None:
+            return
+        self.handle.close()
+        if self.created and not self.started:  # nothing was scored: leave no empty file behind
+            self.out.unlink(missing_ok=True)
 
 
 def _summary(rows: list[dict], skipped: int) -> str:
@@ -94,40 +191,61 @@ def _summary(rows: list[dict], skipped: int) -> str:
         best = max(scored, key=lambda r: r["score"])
         worst = min(scored, key=lambda r: r["score"])
         mean = sum(r["score"] for r in scored) / len(scored)
-        lines += [f"mean {mean:.3f}", f"best {best['score']:.3f}  {best['path']}", f"worst {worst['score']:.3f}  {worst['path']}"]
-    lines += [f"failed: {r['path']}: {r['error']}" for r in failed]
+        lines += [f"mean {mean:.3f}", f"best {best['score']:.3f}  {_shown(best['path'])}",
+                  f"worst {worst['score']:.3f}  {_shown(worst['path'])}"]
+    lines += [f"failed: {_shown(r['error'])}" for r in failed]
     return "\n".join(lines)
+
+
+def _apply_pixel_limit(args) -> int:
+    """The --max-pixels limit (default: PIL's bomb limit). The scorer refuses larger images itself, one by one, from
+    their header; PIL's own check is raised to a larger limit (never lowered) and its warning silenced."""
+    import warnings
+
+    from PIL import Image
+
+    from .scorer.images import DEFAULT_MAX_PIXELS
+
+    limit = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
+    if limit < 1:
+        raise OutputError(f"--max-pixels must be at least 1, got {limit}.")
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    return limit
 
 
 def command_score(args) -> int:
     from tqdm import tqdm
 
-    paths = _image_paths(args.paths)
+    from .scorer.presets import get_preset
+
+    max_pixels = _apply_pixel_limit(args)
     out = Path(args.out) if args.out else None
-    done = _done_paths(out) if out else set()
-    todo = [p for p in paths if str(p) not in done]
-    if not paths:
-        print("no images found under " + " ".join(args.paths), file=sys.stderr)
-        return 1
-    if not todo:
-        print(f"all {len(paths)} image(s) already scored in {out}", file=sys.stderr)
-        return 0
-    scorer = _load_scorer(args)
-    writer = ResultWriter(out, scorer.preset.level_names)
+    writer = ResultWriter(out, get_preset(args.preset).level_names)  # checked and locked before the model loads
     try:
+        failures: list[tuple[str, str]] = []
+        paths = _image_paths(args.paths, failures)
+        todo = [p for p in paths if p not in writer.done]
+        if not paths and not failures:
+            print("no images found under " + " ".join(map(_shown, args.paths)), file=sys.stderr)
+            return 1
+        if not todo and not failures:
+            print(f"all {len(paths)} image(s) already scored in {_shown(str(out))}", file=sys.stderr)
+            return 0
+        for folder, message in failures:
+            writer.add_failure(folder, message)
+        scorer = _load_scorer(args) if todo else None
         with tqdm(total=len(todo), unit="img", desc="scoring", disable=args.quiet) as bar:
-            for start in range(0, len(todo), args.batch_size):
-                chunk = todo[start : start + args.batch_size]
-                for path, result in zip(chunk, scorer.score(chunk, batch_size=args.batch_size)):
+            batches = scorer.score_batches(todo, batch_size=args.batch_size, max_pixels=max_pixels) if todo else []
+            for start, results in zip(range(0, len(todo), args.batch_size), batches):
+                for path, result in zip(todo[start : start + args.batch_size], results):
                     writer.add(path, result)
                 writer.flush()
-                bar.update(len(chunk))
+                bar.update(len(results))
+        writer.flush()
     finally:
         writer.close()
-    if out is None:
-        for row in writer.rows:
-            shown = "error: " + row["error"] if row["error"] else f"{row['score']:.4f} ± {row['std']:.4f}"
-            print(f"{row['path']}\t{shown}")
     print(_summary(writer.rows, len(paths) - len(todo)), file=sys.stderr)
     if args.report and _write_report(out or writer.rows, args.report) != 0:
         return 2
@@ -151,15 +269,29 @@ def command_report(args) -> int:
                          thumbnail_size=args.thumbnail_size, title=args.title)
 
 
+def _json_line(row: dict) -> str:
+    """A JSON line, readable where it can be: names with undecodable bytes (non-UTF-8) are written with escapes."""
+    line = json.dumps(row, ensure_ascii=False)
+    return line if line.isprintable() else json.dumps(row)
+
+
 def command_describe(args) -> int:
-    paths = _image_paths(args.paths)
-    scorer = _load_scorer(args)
-    failed = 0
-    for path in paths:
-        text = scorer.describe([path], question=args.question, max_new_tokens=args.max_new_tokens)[0]
-        failed += text.startswith("[error:")
-        print(json.dumps({"path": str(path), "description": text}, ensure_ascii=False))
-    return 1 if failed or not paths else 0
+    max_pixels = _apply_pixel_limit(args)
+    failures: list[tuple[str, str]] = []
+    paths = _image_paths(args.paths, failures)
+    if not paths and not failures:
+        print("no images found under " + " ".join(map(_shown, args.paths)), file=sys.stderr)
+        return 1
+    for folder, message in failures:
+        print(_json_line({"path": folder, "description": None, "error": message}), flush=True)
+    scorer = _load_scorer(args) if paths else None
+    failed = len(failures)
+    for path in paths:  # one line per image as soon as it is described
+        text = scorer.describe([path], question=args.question, max_new_tokens=args.max_new_tokens, max_pixels=max_pixels)[0]
+        error = text[len("[error: ") : -1] if text.startswith("[error: ") and text.endswith("]") else None
+        failed += error is not None
+        print(_json_line({"path": path, "description": None if error else text, "error": error}), flush=True)
+    return 1 if failed else 0
 
 
 def command_convert(args) -> int:
@@ -223,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--out", help="results.csv or results.jsonl (JSONL resumes: a rerun skips scored images)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     score.add_argument("--report", metavar="DIR", help="also write an HTML report of the scores into DIR (see artquant report)")
     score.set_defaults(run=command_score)
 
@@ -240,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(describe)
     describe.add_argument("--question", help="default: the preset's description question")
     describe.add_argument("--max-new-tokens", type=int, default=256)
+    describe.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     describe.set_defaults(run=command_describe)
 
     convert = commands.add_parser("convert", help="write a merged safetensors checkpoint (no peft, no pickle)")
@@ -287,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except CheckpointError as error:
+    except (CheckpointError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

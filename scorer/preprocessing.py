@@ -14,13 +14,18 @@ about as much as its own pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
+from .images import DEFAULT_MAX_PIXELS, ImageInputError, iter_images
+
 PIL_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 (pixel) - 2 (headroom)
+_BAND_ELEMENTS = 1 << 21  # pixels converted to float at a time in the first resampling pass (16 MiB in float64)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -37,19 +42,23 @@ class ImageProcessingConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ImageProcessingConfig:
-        size = values.get("size", {})
-        crop = values.get("crop_size", {})
-        resize_to = size.get("shortest_edge", size.get("height", cls.resize_to)) if isinstance(size, dict) else size
-        crop_size = crop.get("height", resize_to) if isinstance(crop, dict) else crop
+        """Reads a CLIPImageProcessor config; a ValueError names the value that is impossible or unsupported."""
+        resize_to = _side_in_pixels("size", values.get("size", {}), cls.resize_to)
+        crop_size = _side_in_pixels("crop_size", values.get("crop_size", {}), resize_to)
+        if crop_size > resize_to:
+            raise ValueError(f"crop_size ({crop_size} px) is larger than the resized image (size: {resize_to} px).")
         if values.get("resample", 3) != 3:
-            raise ValueError("Only bicubic resampling (resample=3) is supported, as mPLUG-Owl2 was trained with it.")
-        return cls(
-            resize_to=int(resize_to),
-            crop_size=int(crop_size),
-            image_mean=tuple(values.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(values.get("image_std", CLIP_STD)),
-            rescale_factor=float(values.get("rescale_factor", 1 / 255)),
-        )
+            raise ValueError(f"resample {values['resample']!r} is not supported: only 3 (bicubic), which mPLUG-Owl2 "
+                             "was trained with.")
+        for step in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            if values.get(step, True) is not True:
+                raise ValueError(f"{step} is {values[step]!r}, but mPLUG-Owl2's preprocessing always does this step.")
+        image_mean = _three_numbers("image_mean", values.get("image_mean", CLIP_MEAN))
+        image_std = _three_numbers("image_std", values.get("image_std", CLIP_STD))
+        rescale_factor = values.get("rescale_factor", 1 / 255)
+        if min(image_std) <= 0 or not _is_number(rescale_factor) or not rescale_factor > 0:
+            raise ValueError(f"image_std {list(image_std)} and rescale_factor {rescale_factor!r} must be positive.")
+        return cls(resize_to, crop_size, image_mean, image_std, float(rescale_factor))
 
     def to_dict(self) -> dict:
         """The CLIPImageProcessor `preprocessor_config.json` this describes."""
@@ -72,6 +81,28 @@ class ImageProcessingConfig:
     def pad_colour(self) -> tuple[int, int, int]:
         """The reference's padding colour: `int(mean * 255)` per channel (rounded down)."""
         return tuple(int(m * 255) for m in self.image_mean)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _side_in_pixels(name: str, value, default: int) -> int:
+    """A square side from `size`/`crop_size`: a number, {"shortest_edge": n} or {"height": n, "width": n}."""
+    if isinstance(value, dict):
+        side = value.get("shortest_edge", value.get("height", default))
+        if value.get("width", side) != side:
+            raise ValueError(f"{name} {value} is not square; mPLUG-Owl2 takes square images.")
+        value = side
+    if not _is_number(value) or value != int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive whole number of pixels, not {value!r}.")
+    return int(value)
+
+
+def _three_numbers(name: str, value) -> tuple[float, float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value):
+        raise ValueError(f"{name} must be three numbers (red, green, blue), not {value!r}.")
+    return tuple(float(v) for v in value)
 
 
 def _pil_bicubic(x: np.ndarray) -> np.ndarray:
@@ -124,6 +155,7 @@ def pad_and_resize(images: torch.Tensor, out_size: int, fill: torch.Tensor) -> t
 
     uint8 input: PIL's exact uint8 result (as float64 in [0, 255]). Float input in [0, 1]: the same filter in real
     arithmetic, clipped to [0, 1] after each pass (differentiable; the output keeps the input's dtype).
+    The first pass reads the input in bands of rows, so no float copy of a whole large image is ever held.
     """
     batch, channels, height, width = images.shape
     side = max(height, width)
@@ -133,16 +165,18 @@ def pad_and_resize(images: torch.Tensor, out_size: int, fill: torch.Tensor) -> t
     device = images.device
     horizontal = _resample_matrix(side, out_size, left, width, quantized).to(device, dtype)
     vertical = _resample_matrix(side, out_size, top, height, quantized).to(device, dtype)
-
     fill = fill.to(device, dtype).view(1, channels, 1, 1)
-    pixels = images.to(dtype)
-    # PIL resamples horizontally first, then vertically, rounding to 8 bits after each pass.
-    rows = torch.cat([pixels, fill.expand(batch, channels, height, 1)], dim=3) @ horizontal.T
-    padding_row = fill.expand(batch, channels, 1, width + 1) @ horizontal.T
     # Clipping after each pass, as PIL does, keeps bicubic overshoot out of the float path as well.
     clip = _clip8 if quantized else (lambda x: x.clamp(0, 1))
-    rows, padding_row = clip(rows), clip(padding_row)
-    return clip(vertical @ torch.cat([rows, padding_row], dim=2))
+
+    # PIL resamples horizontally first, then vertically, rounding to 8 bits after each pass. The padding's taps sit
+    # in each matrix's last column; adding them apart from the content's is exact for integer sums (all < 2**53).
+    content, padding = horizontal[:, :width].T, fill * horizontal[:, width]
+    band = max(1, _BAND_ELEMENTS // max(1, batch * channels * width))
+    parts = images.split(band, dim=2)
+    rows = clip(torch.cat([part.to(dtype, memory_format=torch.contiguous_format) @ content + padding for part in parts], 2))
+    padding_row = clip(fill.squeeze(-1) * horizontal.sum(1))[..., None, :]
+    return clip(vertical[:, :height] @ rows + vertical[:, height:] @ padding_row)
 
 
 def pixel_values_from_images(images: torch.Tensor, config: ImageProcessingConfig) -> torch.Tensor:
@@ -165,3 +199,47 @@ def pixel_values_from_images(images: torch.Tensor, config: ImageProcessingConfig
     std = torch.tensor(config.image_std, dtype=cropped.dtype, device=cropped.device).view(1, 3, 1, 1)
     return (cropped * scale - mean) / std
 
+
+
+@dataclass
+class PixelBatch:
+    """Up to `batch_size` consecutive images of the input, ready for the model. `sources` and `errors` have one entry
+    per image; `pixel_values` [n, 3, S, S] holds the images whose error is None, in order (None if there are none)."""
+
+    sources: list[str | None]
+    errors: list[str | None]
+    pixel_values: torch.Tensor | None
+
+
+def iter_pixel_batches(
+    inputs: Any,
+    config: ImageProcessingConfig,
+    batch_size: int,
+    layout: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: torch.device | str | None = None,
+) -> Iterator[PixelBatch]:
+    """The one path from user inputs to model batches: each image is decoded and preprocessed (on `device`) only
+    when its batch is built, and its decoded pixels are dropped at once, so memory is bounded by one decoded image
+    plus one batch of `pixel_values`, however many inputs there are. A bad image is an entry in `errors`, never an
+    exception; the batches together have exactly one entry per input image, in order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    sources: list[str | None] = []
+    errors: list[str | None] = []
+    ready: list[torch.Tensor] = []
+    for source, image in iter_images(inputs, layout, max_pixels):
+        error = str(image) if isinstance(image, ImageInputError) else None
+        if error is None:
+            try:
+                ready.append(pixel_values_from_images((image if device is None else image.to(device))[None], config))
+            except Exception as failure:  # noqa: BLE001 - e.g. out of memory on one huge image: that image fails
+                error = f"{source or 'image'}: preprocessing failed ({type(failure).__name__}: {failure})."
+        del image
+        sources.append(source)
+        errors.append(error)
+        if len(sources) == batch_size:
+            yield PixelBatch(sources, errors, torch.cat(ready) if ready else None)
+            sources, errors, ready = [], [], []
+    if sources:
+        yield PixelBatch(sources, errors, torch.cat(ready) if ready else None)

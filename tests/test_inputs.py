@@ -97,8 +97,9 @@ def test_bad_tensors_fail_alone(base_scorer):
 
 def test_wrong_layouts_say_so():
     entry = load_images([torch.rand(2, 7, 8, 9), np.zeros((4, 4, 3), dtype=np.uint8)])
-    assert isinstance(entry[0], ImageInputError) and "channel axis" in str(entry[0])
-    assert entry[1].shape == (3, 4, 4), "the good input after a bad one still loads"
+    assert len(entry) == 3, "a 4-D batch counts as its images, even when it cannot be used"
+    assert all(isinstance(e, ImageInputError) and "channel axis" in str(e) for e in entry[:2])
+    assert entry[2].shape == (3, 4, 4), "the good input after a bad one still loads"
     assert "channels" in str(load_images(np.zeros((8, 8, 2), dtype=np.uint8))[0])
     assert "unsupported input type" in str(load_images([{"not": "an image"}])[0])
     assert "no pixels" in str(load_images(torch.rand(1, 3, 0, 5))[0])
