@@ -52,6 +52,22 @@ def pil_images_from_output(images: Any) -> tuple[list[Image.Image], list[str | N
     return pil, [None if ok else nan_error for ok in finite]
 
 
+def parse_pipe_args(items: Sequence[str]) -> dict[str, Any]:
+    """`["key=value", ...]` -> pipeline keyword arguments; values read as JSON where they parse (4 -> int,
+    4.5 -> float, true -> bool, null -> None, [1, 2] -> list), else kept as text."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"pipeline argument {item!r} is not key=value (e.g. true_cfg_scale=4 or max_sequence_length=256).")
+        try:
+            parsed[key] = json.loads(text)
+        except json.JSONDecodeError:
+            parsed[key] = text
+    return parsed
+
+
 def _seed_list(n: int, seed: int, seeds: Sequence[int] | None) -> list[int]:
     if seeds is None:
         return list(range(seed, seed + n))

@@ -14,6 +14,7 @@ Image forms (batched): a torch tensor [B, 3, H, W] (float in `value_range`, or u
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -111,19 +112,47 @@ def _batch_channels_first(array: torch.Tensor, layout: str) -> torch.Tensor:
     return array if layout == "NCHW" else array.permute(0, 3, 1, 2)
 
 
+ERROR_MODES = ("raise", "nan", "fallback")
+
+
+def device_scope(device: torch.device):
+    """Makes `device` the current CUDA device of the calling thread for the block (a no-op off CUDA).
+
+    CUDA's current device is per thread: RL trainers call rewards from executor threads, where it is device 0
+    whatever the process's own GPU is, so anything allocated on plain "cuda" would land on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` with an explicit index for CUDA ("cuda" -> "cuda:N", N the calling thread's current device), so that
+    a reward built in the main thread keeps using that GPU from any thread."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class ArtQuantReward:
     """The ArtQuant score as a reward: `reward(images, prompts, metadata) -> (rewards [B], info)`.
 
     normalize: "raw" (the score, 1-10 for ArtQuant), "unit" (mapped to [0, 1] by the preset's score range) or
-        "zscore" (minus the running mean over every reward computed so far, divided by the running std; the current
-        batch is included before normalising).
+        "zscore" (minus the running mean of the rewards recorded so far, divided by their running std; before two
+        are recorded it is the raw score). Rewards are recorded only by calls with `update_stats=True`, so
+        evaluation, guidance and logging never move the statistics.
     value_range: what float images mean, (0, 1) or (-1, 1); uint8 images and PIL images are always [0, 255].
-    errors: "raise" (any unreadable image raises, naming it) or "nan" (its reward is NaN, the reason is in
-        `info["errors"]`, the others still count).
+    errors: what an image that cannot be scored (NaN pixels, unreadable, ...) gets; the others always keep their
+        rewards. "raise": an error naming it; "nan": NaN; "fallback": the value `fallback` (RL trainers: one NaN in a
+        group would turn every advantage of the group into NaN). The reason is in `info["errors"]` either way.
+    fallback: the reward, in the output's normalisation, of an unscorable image with errors="fallback"; default:
+        the lowest reward the preset can give (1.0 raw for ArtQuant, 0.0 unit; in zscore the lowest score
+        normalised with the statistics of the moment).
     gradient_checkpointing: recompute the scorer's layer activations in the backward pass of `differentiable`
         instead of storing them (one layer's activations at a time instead of all, for one more forward pass).
 
-    The scorer is frozen (`requires_grad=False` on every parameter) in place.
+    The scorer is frozen (`requires_grad=False` on every parameter) in place. Every call runs with the scorer's
+    CUDA device current in the calling thread (see `device_scope`).
     """
 
     def __init__(
@@ -134,71 +163,93 @@ class ArtQuantReward:
         batch_size: int = 8,
         errors: str = "raise",
         gradient_checkpointing: bool = True,
+        fallback: float | None = None,
     ):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}.")
-        if errors not in ("raise", "nan"):
-            raise ValueError(f"errors must be 'raise' or 'nan', not {errors!r}.")
+        if errors not in ERROR_MODES:
+            raise ValueError(f"errors must be one of {ERROR_MODES}, not {errors!r}.")
+        if fallback is not None and not math.isfinite(fallback):
+            raise ValueError(f"fallback must be a finite number, not {fallback!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
         self.scorer = scorer
         self.normalize = normalize
         self.value_range = _check_value_range(value_range)
         self.batch_size = batch_size
         self.errors = errors
+        self.fallback = fallback
         self.gradient_checkpointing = gradient_checkpointing
         self.moments = RunningMoments()
         scorer.model.requires_grad_(False)
         self._checkpointing_ready = False
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.scorer.device)
+
     # ----------------------------------------------------------------------------------------------------------
     # ddpo-pytorch / flow_grpo contract (no gradients)
     # ----------------------------------------------------------------------------------------------------------
     def __call__(
-        self, images: Any, prompts: Sequence[str] | None = None, metadata: Any = None, layout: str | None = None
+        self,
+        images: Any,
+        prompts: Sequence[str] | None = None,
+        metadata: Any = None,
+        layout: str | None = None,
+        update_stats: bool = False,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Rewards [B] (float32, CPU) and `info` with the raw `score` [B], its `std` [B] (uncertainty, score units),
         `level_probs` [B, 5], `level_names` and `errors` (one entry per image, None when it scored).
 
         `layout`: "NCHW" or "NHWC"; default NCHW for torch tensors and NHWC for numpy arrays, as ddpo-pytorch passes
-        them. Prompts and metadata are not used: ArtQuant rates the image alone.
+        them. Prompts and metadata are not used: ArtQuant rates the image alone. `update_stats`: record these
+        rewards in the zscore statistics (training calls), before normalising them.
         """
         inputs = self._scorer_inputs(images, layout)
-        layout_for_scorer = "BCHW" if isinstance(inputs, torch.Tensor) else "auto"
-        results = self.scorer.score(inputs, batch_size=self.batch_size, layout=layout_for_scorer)
+        layout_for_scorer = "BCHW" if isinstance(inputs, torch.Tensor) and inputs.ndim == 4 else "auto"
+        with device_scope(self.device):
+            results = self.scorer.score(inputs, batch_size=self.batch_size, layout=layout_for_scorer)
         errors = [r.error for r in results]
         failed = [i for i, error in enumerate(errors) if error is not None]
         if failed and self.errors == "raise":
             reasons = "; ".join(f"image {i}: {errors[i]}" for i in failed)
             raise ValueError(
                 f"{len(failed)} of {len(results)} images could not be scored ({reasons}). "
-                "Pass errors='nan' to get NaN rewards for them instead."
+                "Pass errors='fallback' (a stated reward for them) or errors='nan' to keep the others' rewards."
             )
         scores = torch.tensor([r.score for r in results], dtype=torch.float32)
         info = {
             "score": scores,
             "std": torch.tensor([r.std for r in results], dtype=torch.float32),
-            "level_probs": torch.tensor([list(r.level_probs.values()) for r in results], dtype=torch.float32),
+            "level_probs": torch.tensor(
+                [[r.level_probs.get(name, math.nan) for name in self.scorer.preset.level_names] for r in results],
+                dtype=torch.float32,
+            ),
             "level_names": list(self.scorer.preset.level_names),
             "errors": errors,
         }
-        return self._normalized(scores), info
+        return self._normalized(scores, update_stats), info
 
     def _scorer_inputs(self, images: Any, layout: str | None) -> Any:
-        """Whatever the caller passed -> what `ArtQuantScorer.score` reads the same way (uint8 or [0, 1] floats)."""
+        """Whatever the caller passed -> what `ArtQuantScorer.score` reads the same way (uint8 or [0, 1] floats);
+        what the scorer reports per image (bad PIL images, integer/bool/meta tensors, object arrays) goes as is."""
         if isinstance(images, Image.Image):
             raise ValueError("pass a list of PIL images (a batch), not a single image.")
         if isinstance(images, (list, tuple)):
             return list(images)
         if isinstance(images, np.ndarray):
+            if images.dtype == object:
+                return list(images)  # one item each: the scorer reports the ones it cannot read
             images, layout = torch.from_numpy(np.ascontiguousarray(images)), layout or "NHWC"
         if not isinstance(images, torch.Tensor):
             raise ValueError(
                 f"images must be a torch tensor, a numpy array or a list of PIL images, not {type(images).__name__}."
             )
-        batch = _batch_channels_first(images.detach().cpu(), layout or "NCHW")
-        if batch.dtype == torch.uint8:
-            return batch
-        if not batch.is_floating_point():
-            raise ValueError(f"images must be uint8 or float, not {batch.dtype}.")
+        batch = _batch_channels_first(images.detach(), layout or "NCHW")
+        if not batch.is_floating_point() or batch.is_meta:
+            return list(batch)  # uint8 scores as is; other dtypes and meta tensors are per-image errors there
+        batch = batch.cpu()
         if all(math.isfinite(float(v)) for v in torch.aminmax(batch)):
             return to_unit_range(batch, self.value_range)
         nan_rows = non_finite_rows(batch)
@@ -210,11 +261,14 @@ class ArtQuantReward:
     # ----------------------------------------------------------------------------------------------------------
     # Differentiable reward (ReFL / DRaFT / AlignProp / guidance)
     # ----------------------------------------------------------------------------------------------------------
-    def differentiable(self, images: torch.Tensor, value_range: Sequence[float] | None = None) -> torch.Tensor:
+    def differentiable(
+        self, images: torch.Tensor, value_range: Sequence[float] | None = None, update_stats: bool = False
+    ) -> torch.Tensor:
         """Rewards [B] with autograd back to `images`, float [B, 3, H, W] in `value_range` (default: the reward's).
 
-        NaNs and values outside the range raise (clamp a raw VAE decode first, as diffusers' postprocessing does).
-        Use `-reward.differentiable(x).mean()` as a loss.
+        Values outside the range raise (clamp a raw VAE decode first, as diffusers' postprocessing does). An image
+        with NaN/infinite pixels raises with errors="raise", else gets NaN or the fallback (no gradient) while the
+        others keep theirs. Use `-reward.differentiable(x).mean()` as a loss.
         """
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise ValueError(
@@ -222,10 +276,16 @@ class ArtQuantReward:
                 "float first (they carry no gradient anyway)."
             )
         value_range = self.value_range if value_range is None else _check_value_range(value_range)
-        unit = to_unit_range(_batch_channels_first(images, "NCHW"), value_range)
+        images = _batch_channels_first(images, "NCHW")
+        bad = non_finite_rows(images)
+        if bad.any() and self.errors != "raise":
+            images = torch.where(bad[:, None, None, None], (value_range[0] + value_range[1]) / 2, images)
+        unit = to_unit_range(images, value_range)
         self._prepare_for_gradients()
-        scores = self.scorer.score_tensor(unit.to(self.scorer.device)).scores
-        return self._normalized(scores)
+        with device_scope(self.device):
+            scores = self.scorer.score_tensor(unit.to(self.device)).scores
+        scores = torch.where(bad.to(scores.device), math.nan, scores)
+        return self._normalized(scores, update_stats)
 
     def _prepare_for_gradients(self) -> None:
         if self._checkpointing_ready or not self.gradient_checkpointing:
@@ -236,16 +296,36 @@ class ArtQuantReward:
             raise ValueError("the scorer has active dropout; pass gradient_checkpointing=False.")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        # Checkpointed layers drop a key/value cache in training mode, so the scorer's cached prompt prefix
+        # would no longer line up with its attention mask.
+        if hasattr(self.scorer, "prefix_caching"):
+            self.scorer.prefix_caching = False
         self._checkpointing_ready = True
 
-    def _normalized(self, scores: torch.Tensor) -> torch.Tensor:
+    def _normalized(self, scores: torch.Tensor, update_stats: bool) -> torch.Tensor:
+        """Scores -> rewards in the chosen normalisation; unscored (NaN) entries get NaN or the fallback."""
+        finite = torch.isfinite(scores)
+        if self.normalize == "zscore" and update_stats:
+            self.moments.update(scores[finite])
+        rewards = self._normalize_values(scores)
+        if self.errors == "fallback" and not bool(finite.all()):
+            rewards = torch.where(finite, rewards, self.fallback_reward())
+        return rewards
+
+    def _normalize_values(self, scores: torch.Tensor) -> torch.Tensor:
         if self.normalize == "unit":
             low, high = self.scorer.preset.score_range
             return (scores - low) / (high - low)
         if self.normalize == "zscore":
-            self.moments.update(scores[torch.isfinite(scores)])
             return (scores - self.moments.mean) / max(self.moments.std, 1e-6)
         return scores
+
+    def fallback_reward(self) -> float:
+        """The reward of an unscorable image with errors="fallback" (see the class's `fallback`)."""
+        if self.fallback is not None:
+            return float(self.fallback)
+        lowest = torch.tensor([float(min(self.scorer.preset.score_range))], dtype=torch.float64)
+        return float(self._normalize_values(lowest)[0])
 
 
 def artquant_reward(
@@ -254,16 +334,20 @@ def artquant_reward(
     value_range: Sequence[float] = (0, 1),
     batch_size: int = 8,
     errors: str = "raise",
+    fallback: float | None = None,
+    update_stats: bool = True,
     **scorer_kwargs,
 ):
     """ddpo-pytorch-style reward factory: loads the scorer once (unless given) and returns
     `fn(images, prompts, metadata) -> (rewards [B], info)`. `scorer_kwargs` go to `ArtQuantScorer.from_pretrained`
-    (model, base, preset, dtype, device). See `ArtQuantReward` for the arguments."""
-    reward = ArtQuantReward(
-        scorer or ArtQuantScorer.from_pretrained(**scorer_kwargs), normalize, value_range, batch_size, errors
-    )
+    (model, base, preset, dtype, device). `update_stats`: this closure is a training reward, so its calls record
+    zscore statistics; build the evaluation closure with False. See `ArtQuantReward` for the other arguments."""
+    if scorer is None:
+        scorer_kwargs["device"] = resolve_device(scorer_kwargs.get("device"))
+        scorer = ArtQuantScorer.from_pretrained(**scorer_kwargs)
+    reward = ArtQuantReward(scorer, normalize, value_range, batch_size, errors, fallback=fallback)
 
     def _fn(images, prompts, metadata):
-        return reward(images, prompts, metadata)
+        return reward(images, prompts, metadata, update_stats=update_stats)
 
     return _fn

@@ -78,12 +78,20 @@ def test_normalisations(scorer, uint8_batch):
     torch.testing.assert_close(unit, (raw - 1) / 9)  # ArtQuant's score range is 1..10
 
     zscore = ArtQuantReward(scorer, normalize="zscore")
-    zscore(images[:2])
-    second, info = zscore(images)
+    zscore(images[:2], update_stats=True)
+    second, info = zscore(images, update_stats=True)
     seen = np.concatenate([raw[:2].numpy(), raw.numpy()]).astype(np.float64)
     expected = (raw.numpy() - seen.mean()) / seen.std()
     np.testing.assert_allclose(second.numpy(), expected, rtol=1e-5)
     torch.testing.assert_close(info["score"], raw)  # the raw score stays available
+
+    # Evaluation and gradient calls normalise with the statistics as they are and never move them.
+    count, mean, std = zscore.moments.count, zscore.moments.mean, zscore.moments.std
+    evaluation, _ = zscore(images[:1])
+    with torch.no_grad():
+        zscore.differentiable(images[:1].float() / 255)
+    assert (zscore.moments.count, zscore.moments.mean, zscore.moments.std) == (count, mean, std)
+    np.testing.assert_allclose(evaluation.numpy(), (raw[:1].numpy() - mean) / std, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +103,6 @@ def test_normalisations(scorer, uint8_batch):
         (torch.rand(2, 3, 20, 20) * 2 - 1, {}, "value_range=(-1, 1)"),
         (torch.rand(2, 3, 20, 20) * 255, {}, "uint8"),
         (torch.rand(2, 3, 20, 20), {"value_range": (0, 255)}, "value_range"),
-        (torch.randint(0, 9, (2, 3, 20, 20)), {}, "uint8 or float"),
         (Image.new("RGB", (20, 20)), {}, "list of PIL"),
         ("image.png", {}, "torch tensor"),
     ],
@@ -114,6 +121,10 @@ def test_a_nan_image_is_named_or_costs_only_its_own_reward(scorer, uint8_batch):
     rewards, info = ArtQuantReward(scorer, errors="nan")(images)
     assert torch.isnan(rewards[1]) and "NaN" in info["errors"][1]
     torch.testing.assert_close(rewards[[0, 2]], clean[[0, 2]])
+    for options, stated in [({}, 1.0), ({"normalize": "unit"}, 0.0), ({"fallback": -3.0}, -3.0)]:
+        rewards, info = ArtQuantReward(scorer, errors="fallback", **options)(images)
+        assert rewards[1] == stated and "NaN" in info["errors"][1]
+        assert info["errors"][0] is None and torch.isfinite(rewards).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------
