@@ -1,7 +1,7 @@
 """Diffusion-model rewards from the ArtQuant scorer: the reward functions (ddpo-pytorch contract and differentiable),
-best-of-N sampling, reward guidance during sampling, and DRaFT-K LoRA fine-tuning.
+the RL-trainer adapters, best-of-N sampling, reward guidance during sampling, and DRaFT-K LoRA fine-tuning.
 
-The only part of artquant that touches diffusers; `reward.functions` itself needs only torch.
+The only part of artquant that touches diffusers; `reward.functions` and `reward.trainers` themselves need only torch.
 """
 
 from .best_of_n import (
@@ -12,14 +12,28 @@ from .best_of_n import (
 )
 from .functions import ArtQuantReward, RunningMoments, artquant_reward
 from .guidance import RewardGuidance
+from .trainers import (
+    FlowFactoryReward,
+    RewardOutput,
+    alignprop_reward,
+    async_reward,
+    flow_grpo_reward,
+    flow_grpo_score,
+)
 
 __all__ = [
     "ArtQuantReward",
     "Candidate",
+    "FlowFactoryReward",
     "RewardGuidance",
+    "RewardOutput",
     "RunningMoments",
+    "alignprop_reward",
     "artquant_reward",
+    "async_reward",
     "best_of_n",
     "best_of_n_to_folder",
     "contact_sheet",
+    "flow_grpo_reward",
+    "flow_grpo_score",
 ]
