@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 RESULT_FIELDS = ("path", "score", "std", "error")
+DTYPE_HELP = "auto (default: bf16 on a GPU, fp32 on the CPU), fp32/float32, fp16/float16 or bf16/bfloat16"
 MAX_PIXELS_HELP = "refuse (as a per-image error) images with more pixels (default: PIL's bomb limit, 178956970)"
 
 
@@ -21,7 +22,20 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model for a LoRA release (default: the release's, else the preset's)")
     parser.add_argument("--preset", default="artquant", help="artquant (default), deqa-score, onealign-quality, onealign-aesthetics")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="auto", type=_dtype_name, help=DTYPE_HELP)
+
+
+def _dtype_name(text: str) -> str:
+    """A --dtype value, checked by the core's parser, so the CLI takes exactly what `from_pretrained` takes."""
+    if text == "auto":  # argparse converts the default too: no need to import torch for it
+        return text
+    from .scorer.checkpoint import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _load_scorer(args):
@@ -294,7 +308,20 @@ def command_describe(args) -> int:
     return 1 if failed else 0
 
 
+def _check_new_folder(out: Path) -> None:
+    """--out of `convert`: a new or empty folder in a writable place, checked before the model loads."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {_shown(str(out))} is a file; name a new folder.")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"--out {_shown(str(out))} is a folder that is not empty; name a new or empty folder, so "
+                          "that no file of another checkpoint is mixed in or overwritten.")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write --out {_shown(str(out))}: {_shown(str(parent))} is not writable.")
+
+
 def command_convert(args) -> int:
+    _check_new_folder(Path(args.out))
     scorer = _load_scorer(args)
     scorer.save_pretrained(args.out)
     print(f"wrote a merged safetensors checkpoint to {args.out}", file=sys.stderr)
@@ -317,9 +344,8 @@ def command_eval(args) -> int:
 
 
 def command_best_of_n(args) -> int:
-    import torch
-
     from .reward import best_of_n_to_folder
+    from .scorer.checkpoint import parse_dtype
 
     pipeline_options = {
         "num_inference_steps": args.steps,
@@ -337,7 +363,7 @@ def command_best_of_n(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
-        torch_dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.pipeline_dtype),
+        torch_dtype=parse_dtype(args.pipeline_dtype),
         **{k: v for k, v in pipeline_options.items() if v is not None},
     )
     best = summary["candidates"][0]
@@ -408,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     best_of_n.add_argument("--negative-prompt")
     best_of_n.add_argument("--height", type=int)
     best_of_n.add_argument("--width", type=int)
-    best_of_n.add_argument("--pipeline-dtype", choices=["fp32", "fp16", "bf16"])
+    best_of_n.add_argument("--pipeline-dtype", type=_dtype_name, help="the pipeline's dtype: " + DTYPE_HELP)
     best_of_n.set_defaults(run=command_best_of_n)
     return parser
 
