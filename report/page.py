@@ -172,11 +172,10 @@ def _metrics_html(metrics: Mapping) -> str:
     return f'<table class="metrics"><caption>Against the human scores</caption>{"".join(rows)}</table>'
 
 
-def _summary_html(scored: Sequence[ScoreRow], failed: Sequence[ScoreRow], warnings: Sequence[str]) -> str:
+def _summary_html(scored: Sequence[ScoreRow], failed: Sequence[ScoreRow], folder: str, warnings: Sequence[str]) -> str:
     parts = [f"<b>{len(scored):,}</b> image(s) scored, <b>{len(failed):,}</b> not scored"]
     if scored:
         values = [r.score for r in scored]
-        folder = _common_folder([_readable(r.path) for r in scored])
         best, worst = max(scored, key=lambda r: r.score), min(scored, key=lambda r: r.score)
         parts += [
             f"mean <b>{statistics.fmean(values):.3f}</b>, median <b>{statistics.median(values):.3f}</b>",
@@ -214,12 +213,11 @@ def _links(images: Sequence[Path | None], out: Path) -> tuple[str, list[str | No
 def _common_folder(paths: Sequence[str]) -> str:
     """The leading folder ("a/b/") that all `paths` share, as text; written once instead of per row."""
     prefix = os.path.commonprefix(list(paths)) if paths else ""
-    return prefix[: prefix.rfind("/") + 1]
+    folder = prefix[: prefix.rfind("/") + 1]
+    return folder if folder.strip("/.") else ""  # "/" alone would only hide the root from every path
 
 
-def _page_data(table: ScoreTable, scored: list[ScoreRow], failed: list[ScoreRow], thumbs, links, base_url) -> dict:
-    paths = [_readable(r.path) for r in scored]
-    folder = _common_folder(paths)
+def _page_data(table: ScoreTable, scored: list[ScoreRow], failed: list[ScoreRow], paths, folder, thumbs, links, base_url) -> dict:
     data = {
         "levels": list(table.levels),
         "pageSize": CARDS_PER_PAGE,
@@ -267,7 +265,7 @@ def write_report(
     elif isinstance(source, (str, os.PathLike)):
         table = read_scores(source)
     else:
-        table = table_from_records(list(source), "scored rows")
+        table = table_from_records(list(source))
     if descriptions is not None:
         merge_descriptions(table, descriptions)
     if thumbnail_size < 16:
@@ -290,12 +288,14 @@ def write_report(
     warnings = list(table.warnings)
     missing = sum(t is None for t in thumbs) - len(unreadable)
     if missing:
-        warnings.append(f"{missing} image file(s) not found (shown as placeholders); pass --image-root if the paths are relative to another folder.")
+        warnings.append(f"{missing:,} image file(s) not found (shown as placeholders); pass --image-root if the paths are relative to another folder.")
     warnings += [f"{image}: cannot make a thumbnail ({error})" for image, error in list(unreadable.items())[:20]]
     if len(unreadable) > 20:
         warnings.append(f"... and {len(unreadable) - 20} more unreadable image(s).")
     base_url, links = _links([i if t is not None else None for i, t in zip(images, thumbs)], folder)
 
+    paths = [_readable(r.path) for r in scored]
+    shared_folder = _common_folder(paths)
     human = [r.human_score for r in scored if r.human_score is not None]
     paired = [(r.score, r.human_score) for r in scored if r.human_score is not None]
     evaluation = ""
@@ -306,18 +306,18 @@ def write_report(
     sort_options = [("score", "score"), ("std", "uncertainty (std)"), ("name", "path")]
     if human:
         sort_options.insert(1, ("human", "human score"))
-    page_title = title or table.title or f"Scores: {Path(table.source).name or 'images'}"
+    page_title = title or table.title or (f"Scores: {Path(table.source).name}" if table.source else "Scores")
     values = {
         "title": html.escape(_readable(page_title)),
         "source": html.escape(_readable(table.source)),
-        "summary": _summary_html(scored, failed, warnings),
+        "summary": _summary_html(scored, failed, shared_folder, warnings),
         "evaluation": evaluation,
         "histogram": histogram_svg([r.score for r in scored], human) if scored else "<p>No image was scored.</p>",
         "histogram_note": ' (<span class="legend-predicted">predicted</span>, <span class="legend-human">human</span> as outline)' if human else "",
         "sort_options": "".join(f'<option value="{k}">{label}</option>' for k, label in sort_options),
         "style": _asset("page.css"),
         "script": _asset("page.js"),
-        "data": _embedded_json(_page_data(table, scored, failed, thumbs, links, base_url)),
+        "data": _embedded_json(_page_data(table, scored, failed, paths, shared_folder, thumbs, links, base_url)),
     }
     page = folder / PAGE_NAME
     page.write_text(_fill(_asset("page.html"), values), encoding="utf-8")

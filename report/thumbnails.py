@@ -32,7 +32,8 @@ def _write_thumbnail(image: Path, target: Path, size: int) -> str | None:
     try:
         with Image.open(image) as opened:
             opened.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for large photos
-            picture = ImageOps.exif_transpose(opened)  # shown as a viewer shows it
+            picture = opened
+            ImageOps.exif_transpose(picture, in_place=True)  # shown as a viewer shows it; no copy
             picture.thumbnail((size, size), Image.Resampling.LANCZOS)
             if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
                 picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from artquant.cli import main
 from artquant.report import ReportInputError, read_scores, write_report
 from report_samples import EXTERNAL, FAILED, LEVELS, SCORES, fixture_rows, full_paths, page_data, write_csv
+
 
 @pytest.fixture
 def fixture_csv(reference_dir, tmp_path) -> Path:
@@ -65,13 +68,18 @@ def test_thumbnails_are_made_once_and_bounded(fixture_csv, tmp_path):
     assert [t.stat().st_mtime_ns for t in thumbs] == stamps
 
 
-def test_alpha_is_shown_on_white(reference_dir, tmp_path):
-    """A transparent pixel becomes white in the thumbnail, not the colour hidden under it."""
-    source = tmp_path / "clear.png"
-    Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(source)
-    page = write_report([{"path": str(source), "score": 5.0, "std": 1.0, "error": None}], tmp_path / "report")
-    thumb = page.parent / "thumbs" / f"{page_data(page)['thumb'][0]}.jpg"
-    assert all(channel > 240 for channel in Image.open(thumb).convert("RGB").getpixel((20, 20)))
+def test_thumbnails_show_the_picture_as_a_viewer_does(tmp_path):
+    """Transparent pixels on white (not the colour hidden under them); EXIF orientation applied."""
+    clear, rotated = tmp_path / "clear.png", tmp_path / "rotated.jpg"
+    Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(clear)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    Image.new("RGB", (60, 30), "blue").save(rotated, exif=exif)
+    rows = [{"path": str(clear), "score": 5.0, "std": 1.0, "error": None}, {"path": str(rotated), "score": 4.0, "std": 1.0, "error": None}]
+    page = write_report(rows, tmp_path / "report")
+    clear_thumb, rotated_thumb = (Image.open(page.parent / "thumbs" / f"{t}.jpg") for t in page_data(page)["thumb"])
+    assert all(channel > 240 for channel in clear_thumb.convert("RGB").getpixel((20, 20)))
+    assert rotated_thumb.size == (30, 60)
 
 
 def test_jsonl_resumed_run_keeps_the_last_row_per_path(reference_dir, tmp_path):
@@ -187,6 +195,18 @@ def test_score_with_report(reference_dir, tmp_path):
     assert data["score"] == sorted(data["score"], reverse=True)
 
 
+def test_score_without_out_reports_the_rows_it_printed(reference_dir, tmp_path, capsys):
+    report = tmp_path / "report"
+    code = main(["score", str(reference_dir / "images" / "camera.png"), "--model", str(reference_dir / "mplug_owl2_base"),
+                 "--device", "cpu", "--report", str(report), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out.strip().split("\t")
+    data = page_data(report / "index.html")
+    assert full_paths(data) == [printed[0]]
+    assert data["score"][0] == pytest.approx(float(printed[1].split(" ")[0]), abs=1e-4)
+    assert "<title>Scores</title>" in (report / "index.html").read_text()
+
+
 def _bad(tmp_path: Path, name: str, content: bytes | str | None) -> Path:
     path = tmp_path / name
     if content is not None:
@@ -236,6 +256,13 @@ def test_unscored_rows_become_listed_failures(tmp_path, line, error):
     assert failure[0] == "x.png" and error in failure[1]
 
 
+def test_a_run_where_nothing_scored_still_lists_its_failures(tmp_path):
+    scores = _bad(tmp_path, "scores.jsonl", '{"path": "a.png", "score": null, "error": "OSError: gone"}\n')
+    page = write_report(scores, tmp_path / "report")
+    assert page_data(page)["failures"] == [["a.png", "OSError: gone"]] and page_data(page)["path"] == []
+    assert "No image was scored." in page.read_text()
+
+
 def test_csv_empty_score_is_a_failure(tmp_path):
     scores = _bad(tmp_path, "scores.csv", HEADER + "a.png,,,\nb.png,nan,,\nc.png,4,1,\n")
     data = page_data(write_report(scores, tmp_path / "report"))
@@ -257,6 +284,16 @@ def test_missing_and_unreadable_images_get_placeholders(reference_dir, tmp_path)
     text = page.read_text()
     assert "1 image file(s) not found" in text and "not_an_image.png: cannot make a thumbnail" in text
     assert '"placeholder", "no image file"' in text  # the script's placeholder for rows without a thumbnail
+
+
+@pytest.mark.parametrize(
+    "paths, prefix",
+    [(["/data/a/x.png", "/data/a/y.png"], "/data/a/"), (["/data/a/x.png", "/data/b/y.png"], "/data/"),
+     (["/a/x.png", "/b/y.png"], ""), (["x.png", "y.png"], ""), (["/data/ab.png", "/data/ac.png"], "/data/")],
+)
+def test_the_shared_folder_is_written_once(tmp_path, paths, prefix):
+    data = page_data(write_report([{"path": p, "score": 5.0, "std": 1.0} for p in paths], tmp_path / "report"))
+    assert data["pathPrefix"] == prefix and full_paths(data) == paths
 
 
 def test_relative_paths_resolve_against_the_scores_folder_or_image_root(reference_dir, tmp_path):
@@ -310,3 +347,10 @@ def test_bad_options(fixture_csv, tmp_path, kwargs, message):
 def test_folder_without_known_report(tmp_path):
     with pytest.raises(ReportInputError, match="folder without report.json"):
         read_scores(tmp_path)
+
+
+def test_report_needs_neither_torch_nor_the_model():
+    code = ("import sys, artquant.report; "
+            "print(sorted(m for m in ('torch', 'transformers', 'artquant.scorer') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
