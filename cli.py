@@ -345,6 +345,7 @@ def command_eval(args) -> int:
 
 def command_best_of_n(args) -> int:
     from .reward import best_of_n_to_folder
+    from .reward.best_of_n import parse_pipe_args
     from .scorer.checkpoint import parse_dtype
 
     pipeline_options = {
@@ -354,18 +355,33 @@ def command_best_of_n(args) -> int:
         "height": args.height,
         "width": args.width,
     }
-    summary = best_of_n_to_folder(
-        args.pipeline,
-        args.prompt,
-        args.n,
-        args.out,
-        _load_scorer(args),
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        torch_dtype=parse_dtype(args.pipeline_dtype),
-        **{k: v for k, v in pipeline_options.items() if v is not None},
-    )
+    pipeline_options = {k: v for k, v in pipeline_options.items() if v is not None}
+    try:
+        passed_through = parse_pipe_args(args.pipe_arg)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if twice := sorted(set(passed_through) & set(pipeline_options)):
+        print(f"error: {', '.join(twice)} given both as an option and as --pipe-arg; give it once.", file=sys.stderr)
+        return 2
+    try:
+        summary = best_of_n_to_folder(
+            args.pipeline,
+            args.prompt,
+            args.n,
+            args.out,
+            (lambda: _load_scorer(args)) if args.offload else _load_scorer(args),
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            torch_dtype=parse_dtype(args.pipeline_dtype),
+            offload=args.offload,
+            **pipeline_options,
+            **passed_through,
+        )
+    except (ValueError, TypeError) as error:  # arguments the pipeline refuses or would silently ignore
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     best = summary["candidates"][0]
     print(f"best of {len(summary['candidates'])}: seed {best['seed']}, score {best['score']:.3f} -> {args.out}", file=sys.stderr)
     return 0 if all(c["error"] is None for c in summary["candidates"]) else 1
@@ -435,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     best_of_n.add_argument("--height", type=int)
     best_of_n.add_argument("--width", type=int)
     best_of_n.add_argument("--pipeline-dtype", type=_dtype_name, help="the pipeline's dtype: " + DTYPE_HELP)
+    best_of_n.add_argument(
+        "--pipe-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="any other pipeline argument, repeatable; values read as JSON (e.g. true_cfg_scale=4, max_sequence_length=256)",
+    )  # fmt: skip
+    best_of_n.add_argument(
+        "--offload", action="store_true",
+        help="generate, release the pipeline, then load the scorer and score: the two never share memory",
+    )  # fmt: skip
     best_of_n.set_defaults(run=command_best_of_n)
     return parser
 

@@ -6,9 +6,11 @@ seed))` reproduces a candidate on its own, whatever batch it was generated in.
 
 from __future__ import annotations
 
+import gc
+import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,31 +78,52 @@ def _seed_list(n: int, seed: int, seeds: Sequence[int] | None) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def best_of_n(
+def check_negative_prompt(pipe, pipe_kwargs: dict[str, Any]) -> None:
+    """Refuses a negative prompt that the pipeline would silently ignore: one it does not take at all, or one whose
+    guidance is off (Flux reads it only with true_cfg_scale > 1; SD/SDXL/SD3 only with guidance_scale > 1)."""
+    if pipe_kwargs.get("negative_prompt") is None:
+        return
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "negative_prompt" not in parameters:
+        raise ValueError(f"{type(pipe).__name__} takes no negative prompt; drop it.")
+    knob = "true_cfg_scale" if "true_cfg_scale" in parameters else "guidance_scale"
+    default = parameters[knob].default if knob in parameters else None
+    value = pipe_kwargs.get(knob, default)
+    if isinstance(value, (int, float)) and value <= 1:
+        cost = " (a second transformer pass per step)" if knob == "true_cfg_scale" else ""
+        raise ValueError(
+            f"{type(pipe).__name__} ignores the negative prompt unless {knob} > 1 (it is {value}): pass "
+            f"{knob}=4{cost} (CLI: --pipe-arg {knob}=4), or drop the negative prompt."
+        )
+
+
+@dataclass
+class Generated:
+    """The images of a best-of-N run before scoring: per image its seed and why it is unusable (None if fine)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    errors: list[str | None]
+
+
+def generate_candidates(
     pipe,
     prompt: str,
     n: int,
-    scorer: ArtQuantScorer,
     batch_size: int = 4,
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     generator_device: str | torch.device = "cpu",
     progress=None,
     **pipe_kwargs,
-) -> list[Candidate]:
-    """Generates `n` images of `prompt` with `pipe` (any diffusers text-to-image pipeline), `batch_size` at a time,
-    and returns them best first.
-
-    seeds: one per image (default `seed, seed + 1, ...`); each image's noise comes from its own generator on
-        `generator_device` (CPU by default: the same seed gives the same image on any machine).
-    pipe_kwargs: passed to the pipeline (num_inference_steps, guidance_scale, height, width, negative_prompt,
-        output_type, ...). `progress`: optional callable given the number of images just generated.
-    """
+) -> Generated:
+    """The generation half of `best_of_n` (see there)."""
     for owned in ("generator", "num_images_per_prompt", "prompt"):
         if owned in pipe_kwargs:
             raise TypeError(f"best_of_n sets {owned!r} itself (one generator per image from the seeds); remove it.")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be at least 1, got n={n}, batch_size={batch_size}.")
+    check_negative_prompt(pipe, pipe_kwargs)
     seed_list = _seed_list(n, seed, seeds)
     images: list[Image.Image] = []
     errors: list[str | None] = []
@@ -116,6 +139,12 @@ def best_of_n(
         errors.extend(batch_errors)
         if progress is not None:
             progress(len(chunk))
+    return Generated(images, seed_list, errors)
+
+
+def rank_candidates(generated: Generated, scorer: ArtQuantScorer, batch_size: int = 4) -> list[Candidate]:
+    """The scoring half of `best_of_n`: the candidates best first, unscored ones last."""
+    images, errors = generated.images, generated.errors
     valid = [i for i, error in enumerate(errors) if error is None]
     ratings = dict(zip(valid, scorer.score([images[i] for i in valid], batch_size=batch_size), strict=True))
     nan = float("nan")
@@ -123,10 +152,56 @@ def best_of_n(
         Candidate(image, s, r.score, r.std, r.level_probs, r.error)
         if (r := ratings.get(index)) is not None
         else Candidate(image, s, nan, nan, {}, errors[index])
-        for index, (image, s) in enumerate(zip(images, seed_list, strict=True))
+        for index, (image, s) in enumerate(zip(images, generated.seeds, strict=True))
     ]
     # Unscored images go last, whatever NaN would compare as.
     return sorted(candidates, key=lambda c: (c.error is None, c.score if c.error is None else 0.0), reverse=True)
+
+
+def _release_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def best_of_n(
+    pipe,
+    prompt: str,
+    n: int,
+    scorer: ArtQuantScorer,
+    batch_size: int = 4,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    generator_device: str | torch.device = "cpu",
+    progress=None,
+    offload: bool = False,
+    **pipe_kwargs,
+) -> list[Candidate]:
+    """Generates `n` images of `prompt` with `pipe` (any diffusers text-to-image pipeline), `batch_size` at a time,
+    and returns them best first.
+
+    seeds: one per image (default `seed, seed + 1, ...`); each image's noise comes from its own generator on
+        `generator_device` (CPU by default: the same seed gives the same image on any machine).
+    offload: never hold both models on the accelerator: the scorer waits on the CPU while the pipeline generates,
+        then the pipeline moves to the CPU and the scorer back to its device to score.
+    pipe_kwargs: passed to the pipeline (num_inference_steps, guidance_scale, height, width, negative_prompt,
+        true_cfg_scale, output_type, ...); a negative prompt the pipeline would ignore is refused
+        (`check_negative_prompt`). `progress`: optional callable given the number of images just generated.
+    """
+    scorer_device = scorer.device
+    if offload:
+        scorer.model.to("cpu")
+        _release_accelerator_memory()
+    try:
+        generated = generate_candidates(
+            pipe, prompt, n, batch_size, seed, seeds, generator_device, progress, **pipe_kwargs
+        )
+    finally:
+        if offload:
+            pipe.to("cpu")
+            _release_accelerator_memory()
+            scorer.model.to(scorer_device)
+    return rank_candidates(generated, scorer, batch_size)
 
 
 def contact_sheet(candidates: Sequence[Candidate], columns: int = 4, thumbnail: int = 256) -> Image.Image:
@@ -180,19 +255,30 @@ def best_of_n_to_folder(
     prompt: str,
     n: int,
     out_dir: str | os.PathLike,
-    scorer: ArtQuantScorer,
+    scorer: ArtQuantScorer | Callable[[], ArtQuantScorer],
     batch_size: int = 4,
     seed: int = 0,
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
+    offload: bool = False,
     **pipe_kwargs,
 ) -> dict[str, Any]:
     """Loads a diffusers pipeline folder (or hub id), runs `best_of_n` and writes the results to `out_dir`
-    (see `write_candidates`). Returns the `scores.json` content."""
+    (see `write_candidates`). Returns the `scores.json` content.
+
+    scorer: a scorer, or a function that loads one: it is then called only once the images exist.
+    offload: release the pipeline once the images exist, before the scorer is loaded (with a loader) or scores:
+        the two models never sit in memory together.
+    """
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch_dtype)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
-    candidates = best_of_n(pipe, prompt, n, scorer, batch_size=batch_size, seed=seed, **pipe_kwargs)
+    generated = generate_candidates(pipe, prompt, n, batch_size, seed, **pipe_kwargs)
+    if offload:
+        del pipe
+        _release_accelerator_memory()
+    scorer = scorer if isinstance(scorer, ArtQuantScorer) else scorer()
+    candidates = rank_candidates(generated, scorer, batch_size)
     return write_candidates(candidates, out_dir, prompt)

@@ -12,7 +12,7 @@ from artquant import ArtQuantScorer
 from artquant.reward import ArtQuantReward, best_of_n, best_of_n_to_folder
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from reward_tiny_pipelines import SIZE, tiny_sd
+from reward_tiny_pipelines import SIZE, tiny_flux, tiny_sd
 
 STEPS = 6
 
@@ -141,3 +141,59 @@ def test_best_of_n_command_line(pipe, reference_dir, tmp_path):
     summary = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert [e["seed"] for e in sorted(summary["candidates"], key=lambda e: e["seed"])] == [0, 1]
     assert (tmp_path / "out" / "contact_sheet.png").is_file()
+
+
+def test_best_of_n_command_line_passes_pipeline_arguments_and_offloads(pipe, reference_dir, tmp_path):
+    from artquant.cli import main as cli_main
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    common = ["best-of-n", "--pipeline", str(tmp_path / "pipeline"), "--prompt", "a cat", "--n", "2", "--height",
+              str(SIZE), "--width", str(SIZE), "--model", str(reference_dir / "artquant_lora"), "--device", "cpu"]  # fmt: skip
+    code = cli_main([*common, "--out", str(tmp_path / "a"), "--pipe-arg", "num_inference_steps=2",
+                     "--pipe-arg", "guidance_scale=1.5", "--offload"])  # fmt: skip
+    assert code == 0
+    offloaded = json.loads((tmp_path / "a" / "scores.json").read_text())
+    code = cli_main([*common, "--out", str(tmp_path / "b"), "--steps", "2", "--guidance-scale", "1.5"])
+    assert code == 0
+    plain = json.loads((tmp_path / "b" / "scores.json").read_text())
+    # The same pipeline arguments by either route, offloaded or not: the same candidates.
+    assert [e["seed"] for e in offloaded["candidates"]] == [e["seed"] for e in plain["candidates"]]
+    assert [e["score"] for e in offloaded["candidates"]] == pytest.approx([e["score"] for e in plain["candidates"]], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--pipe-arg", "steps"], "not key=value"),
+        (["--steps", "2", "--pipe-arg", "num_inference_steps=3"], "given both"),
+        (["--negative-prompt", "blurry", "--guidance-scale", "1.0"], "guidance_scale > 1"),
+        (["--pipe-arg", "generator=1"], "sets 'generator' itself"),
+    ],
+)
+def test_best_of_n_command_line_refuses_bad_pipeline_arguments(pipe, reference_dir, tmp_path, capsys, arguments, message):
+    from artquant.cli import main as cli_main
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    code = cli_main(["best-of-n", "--pipeline", str(tmp_path / "pipeline"), "--prompt", "a cat", "--n", "1",
+                     "--out", str(tmp_path / "out"), "--model", str(reference_dir / "artquant_lora"), *arguments])  # fmt: skip
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "scores.json").exists()
+
+
+def test_flux_negative_prompt_is_honoured_with_true_cfg_or_refused(scorer):
+    flux = tiny_flux()
+    options = dict(num_inference_steps=2, height=SIZE, width=SIZE, max_sequence_length=16, seeds=[0, 1])
+    with pytest.raises(ValueError, match="true_cfg_scale > 1"):
+        best_of_n(flux, "a cat", 2, scorer, negative_prompt="blurry", **options)
+    plain = {c.seed: np.asarray(c.image) for c in best_of_n(flux, "a cat", 2, scorer, **options)}
+    negative = best_of_n(flux, "a cat", 2, scorer, negative_prompt="blurry", true_cfg_scale=4.0, **options)
+    assert all(np.abs(np.asarray(c.image, dtype=int) - plain[c.seed]).max() > 0 for c in negative)
+
+
+def test_best_of_n_offload_keeps_the_results_and_the_models_where_they_were(pipe, scorer):
+    options = dict(num_inference_steps=2, height=SIZE, width=SIZE, seeds=[4, 5])
+    plain = best_of_n(pipe, "a cat", 2, scorer, **options)
+    offloaded = best_of_n(pipe, "a cat", 2, scorer, offload=True, **options)
+    assert [c.seed for c in offloaded] == [c.seed for c in plain]
+    assert [c.score for c in offloaded] == pytest.approx([c.score for c in plain], abs=1e-6)
+    assert next(scorer.model.parameters()).device == torch.device(scorer.device)
