@@ -15,33 +15,7 @@ import time
 
 import torch
 from artquant.reward import ArtQuantReward
-from artquant.scorer import ArtQuantScorer, ImageProcessingConfig, get_preset
-from artquant.scorer.checkpoint import LoadedCheckpoint
-from gpu_common import random_model
-
-# The ArtQuant prompt in LLaMA-2 ids (-200 marks the image) and its level words: the real tokenizer's output,
-# fixed here so that the benchmark needs no tokenizer file.
-PROMPT_IDS = [1, 3148, 1001, 29901, 1128, 723, 366, 6554, 278, 11029, 310, 445, 20413, 29973, 13, -200, 29871, 319,
-              1799, 9047, 13566, 29901, 450, 11029, 310, 278, 20413, 338]  # fmt: skip
-LEVEL_IDS = {"excellent": 15129, "good": 1781, "fair": 6534, "poor": 6460, "bad": 4319}
-
-
-class FixedPromptTokenizer:
-    """Stands in for `PromptTokenizer`: the one prompt and the level words the scorer asks for."""
-
-    def encode_with_images(self, prompt: str) -> list[int]:
-        return PROMPT_IDS
-
-    def word_token_id(self, word: str) -> int:
-        return LEVEL_IDS[word]
-
-
-def random_scorer(tiny: bool, device: torch.device, dtype: torch.dtype) -> ArtQuantScorer:
-    """An `ArtQuantScorer` around a random mPLUG-Owl2 (7B-shaped, or the fixture's tiny shape)."""
-    model = random_model(tiny, dtype, device)
-    size = model.config.vision_config.image_size
-    checkpoint = LoadedCheckpoint(model, FixedPromptTokenizer(), ImageProcessingConfig(size, size), "random")
-    return ArtQuantScorer(checkpoint, get_preset("artquant"), device, dtype)
+from gpu_common import random_model, random_scorer
 
 
 def measure(run, device: torch.device, repeats: int) -> tuple[float, float | None]:
@@ -69,7 +43,7 @@ def main() -> None:
 
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    scorer = random_scorer(args.tiny, device, dtype)
+    scorer = random_scorer(random_model(args.tiny, dtype, device))
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
 
     def with_gradients(reward: ArtQuantReward):

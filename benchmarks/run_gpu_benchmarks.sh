@@ -15,6 +15,7 @@ run() {  # name, command...: keeps going after a failure so one broken script do
     tail -n 30 "$out/$name.txt"
 }
 run gpu_score python benchmarks/gpu_score.py --out "$out/gpu_score.json"
+run prefix_cache python benchmarks/bench_prefix_cache.py --device cuda
 run gpu_reward python benchmarks/gpu_reward.py
 run gpu_train python benchmarks/gpu_train.py
 exit $status

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -418,6 +418,50 @@ class MplugOwl2LlamaModel(MplugOwl2PreTrainedModel):
         return self.norm(hidden_states), cache
 
 
+class PromptPrefixLayer(DynamicLayer):
+    """One decoder layer's prefix keys/values [1, kv_heads, P, head_dim]. Each call gets them, expanded to its batch,
+    joined with its own keys/values; nothing is stored, so a checkpointed layer's backward replay sees the same."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch = key_states.shape[0]
+        return (
+            torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2),
+            torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2),
+        )
+
+
+class PromptPrefixCache(Cache):
+    """Keys and values of a text-only prompt prefix, computed once at batch 1 and shared by every later batch.
+
+    The prefix holds text tokens only, so these are the text-branch (`multiway.0`) K/V of each layer, rotated for
+    positions 0 .. length - 1. Passed as a forward pass's `cache`, it is read only: the pass runs just the rest of
+    the prompt, at positions `length`, `length + 1`, ... (the model derives them from the cache's length).
+    `for_batch` gives `generate` a growing cache that starts with the prefix.
+    """
+
+    def __init__(self, key_values: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__(layers=[PromptPrefixLayer(keys, values) for keys, values in key_values])
+
+    @property
+    def length(self) -> int:
+        return self.get_seq_length()
+
+    def for_batch(self, batch: int) -> DynamicCache:
+        """A fresh `DynamicCache` for `batch` rows that holds the prefix as expanded views (stride 0: no copy)."""
+        cache = DynamicCache()
+        for prefix in self.layers:
+            layer = DynamicLayer()
+            layer.lazy_initialization(prefix.keys, prefix.values)
+            layer.keys, layer.values = prefix.keys.expand(batch, -1, -1, -1), prefix.values.expand(batch, -1, -1, -1)
+            cache.layers.append(layer)
+        return cache
+
+
 class MPLUGOwl2LlamaForCausalLM(MplugOwl2PreTrainedModel, GenerationMixin):
     """mPLUG-Owl2 with its LM head. Inputs: token ids with `IMAGE_TOKEN_INDEX` where each image goes."""
 
@@ -440,6 +484,28 @@ class MPLUGOwl2LlamaForCausalLM(MplugOwl2PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """`torch.compile`s in place the vision tower, the abstractor and each of the LLM's decoder layers (the LLM's
+        layers share one compiled graph: regional compilation, built in a fraction of the whole model's time; the
+        LM head and the mask building stay eager). Weights and state-dict keys stay as they are; `compile_kwargs`
+        go to `torch.compile` (e.g. `mode="max-autotune"`)."""
+        body = self.model
+        body.vision_model.compile(**compile_kwargs)
+        body.visual_abstractor.compile(**compile_kwargs)
+        for layer in body.layers:
+            layer.compile(**compile_kwargs)
+
+    def encode_prompt_prefix(self, input_ids: torch.LongTensor) -> PromptPrefixCache:
+        """Runs the text-only `input_ids` [P] or [1, P] (the prompt before its image) through the LLM and keeps
+        each layer's keys/values. Plain tensors without gradients, even when called inside `torch.inference_mode`,
+        so that a differentiable forward pass can use them too."""
+        ids = input_ids.reshape(1, -1)
+        if bool((ids == IMAGE_TOKEN_INDEX).any()):
+            raise ValueError("A prompt prefix to cache must be text only: cut it before the image placeholder.")
+        with torch.inference_mode(False), torch.no_grad():
+            _, cache = self.model(self.model.embed_tokens(ids), use_cache=True)
+        return PromptPrefixCache([(layer.keys, layer.values) for layer in cache.layers])
 
     def embed_multimodal(
         self,
@@ -558,7 +624,13 @@ class MPLUGOwl2LlamaForCausalLM(MplugOwl2PreTrainedModel, GenerationMixin):
             input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         # Visual tokens only exist in the prompt; every generated token is text (the cache keeps the rest).
-        inputs["modality_indicators"] = modality_indicators if is_first_iteration else None
+        if is_first_iteration and modality_indicators is not None:
+            embeds = inputs.get("inputs_embeds")
+            length = (embeds if embeds is not None else inputs["input_ids"]).shape[1]
+            # A prefilled cache (a cached prompt prefix) leaves only the prompt's last `length` positions to run.
+            inputs["modality_indicators"] = modality_indicators[:, -length:]
+        else:
+            inputs["modality_indicators"] = None
         return inputs
 
 
@@ -568,4 +640,5 @@ __all__ = [
     "MPLUGOwl2LlamaForCausalLM",
     "MplugOwl2LlamaModel",
     "MplugOwl2PreTrainedModel",
+    "PromptPrefixCache",
 ]

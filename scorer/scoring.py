@@ -12,6 +12,7 @@ import torch
 from .checkpoint import LoadedCheckpoint, load_checkpoint, resolve_device_and_dtype, save_checkpoint
 from .images import DEFAULT_MAX_PIXELS
 from .levels import expected_score, score_std
+from .modeling_mplug_owl2 import IMAGE_TOKEN_INDEX, PromptPrefixCache
 from .presets import Preset, get_preset
 from .preprocessing import PixelBatch, iter_pixel_batches, pixel_values_from_images
 
@@ -42,6 +43,46 @@ class LevelScores:
     open_set_mass: torch.Tensor | None = field(default=None)
 
 
+CPU_BATCH_SIZE = 8  # on a CPU, bigger batches gain little and only hold more memory
+
+
+def fitting_batch_size(run, limit: int) -> int:
+    """The largest batch <= `limit` for which `run(batch)` does not raise `torch.OutOfMemoryError`: doubling from 1,
+    then bisecting between the largest size that fitted and the smallest that did not."""
+    fitted, failed, batch = 0, limit + 1, 1
+    while fitted + 1 < failed:
+        out_of_memory = False
+        try:
+            run(batch)
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # released below, once the exception (and the frames it holds) is gone
+        if out_of_memory:
+            failed = batch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            fitted = batch
+        batch = min(2 * batch, limit) if failed > limit else (fitted + failed) // 2
+    if fitted == 0:
+        raise RuntimeError(
+            "Not even one image fits into the device's memory: load the scorer in bf16, with quantization='8bit', "
+            "or on a device with more free memory."
+        )
+    return fitted
+
+
+def _model_state(model: torch.nn.Module) -> tuple | None:
+    """What cached keys/values depend on: each parameter's storage, dtype and in-place version counter (bumped by
+    optimiser steps, merges and `copy_`). None while a parameter needs gradients: cached values would cut them off."""
+    grad_enabled = torch.is_grad_enabled()
+    state: list = [id(model)]
+    for parameter in model.parameters():
+        if grad_enabled and parameter.requires_grad:
+            return None
+        # Inference tensors (weights loaded under `torch.inference_mode`, as in ComfyUI) keep no version counter.
+        version = 0 if parameter.is_inference() else parameter._version
+        state.append((parameter.data_ptr(), parameter.dtype, parameter.device, version))
+    return tuple(state)
 
 
 class ArtQuantScorer:
@@ -61,6 +102,11 @@ class ArtQuantScorer:
         self.source = checkpoint.source
         self.prompt_ids = torch.tensor(self.tokenizer.encode_with_images(preset.prompt()), device=device)
         self.level_ids = torch.tensor([self.tokenizer.word_token_id(w) for w in preset.level_names], device=device)
+        # Every image shares the prompt's text before it: its keys/values are computed once (see `_prompt_prefix`).
+        self.prefix_caching = True
+        self._prefix_caches: dict[tuple[int, ...], PromptPrefixCache] = {}
+        self._prefix_model_state: tuple | None = None
+        self._largest_batch_size: int | None = None
 
     @classmethod
     def from_pretrained(
@@ -72,11 +118,14 @@ class ArtQuantScorer:
         device: str | torch.device | None = None,
         merge_lora: bool = True,
         quantization: str | None = None,
+        compile: bool | dict = False,
     ) -> ArtQuantScorer:
         """`model`: a checkpoint folder or Hugging Face id (default: the preset's); a LoRA release is applied on
         `base` (default: its recorded base, else the preset's) and merged unless `merge_lora=False`.
         `dtype`/`device` default to bf16 on a GPU and fp32 on the CPU; `quantization` "8bit"/"4bit" needs
-        bitsandbytes and a CUDA GPU."""
+        bitsandbytes and a CUDA GPU. `compile=True` (or a dict of `torch.compile` arguments) compiles the vision
+        tower, the abstractor and the LLM's layers at their first use: minutes for a 7B model, worth it for many
+        batches on a GPU."""
         preset = get_preset(preset)
         device, dtype = resolve_device_and_dtype(device, dtype)
         checkpoint = load_checkpoint(
@@ -89,6 +138,8 @@ class ArtQuantScorer:
         )
         if quantization is None:  # bitsandbytes places the weights itself
             checkpoint.model.to(device)
+        if compile:
+            checkpoint.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
         return cls(checkpoint, preset, device, dtype)
 
     def save_pretrained(self, out: str | os.PathLike) -> None:
@@ -102,12 +153,51 @@ class ArtQuantScorer:
     # ----------------------------------------------------------------------------------------------------------
     def level_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, vocab] at the answer position, for CLIP-normalised `pixel_values` [B, 3, S, S]."""
-        input_ids = self.prompt_ids.expand(pixel_values.shape[0], -1)
+        batch = pixel_values.shape[0]
+        prefix = self._prompt_prefix(self.prompt_ids)
         output = self.model(
-            input_ids=input_ids, pixel_values=pixel_values.to(self.device, self.dtype), logits_to_keep=1, use_cache=False
+            input_ids=self.prompt_ids[prefix.length if prefix is not None else 0 :].expand(batch, -1),
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            cache=prefix,  # read only: every batch runs just the image and the text after it
+            logits_to_keep=1,
+            use_cache=False,
         )
         logits = output.logits[:, -1]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for a float64 model
+
+    def largest_batch_size(self, limit: int = 256) -> int:
+        """The scoring batch size to use: on a CUDA GPU the largest that fits (found once with random images, less a
+        tenth of headroom for the input pipeline, then remembered); elsewhere CPU_BATCH_SIZE."""
+        if self.device.type != "cuda":
+            return CPU_BATCH_SIZE
+        if self._largest_batch_size is None:
+            size = self.image_config.crop_size
+
+            def run(batch: int) -> None:
+                with torch.inference_mode():
+                    self.level_logits(torch.zeros(batch, 3, size, size, device=self.device, dtype=self.dtype))
+
+            self._largest_batch_size = max(1, int(0.9 * fitting_batch_size(run, limit)))
+        return self._largest_batch_size
+
+    def _prompt_prefix(self, prompt_ids: torch.Tensor) -> PromptPrefixCache | None:
+        """The keys/values of the text before the image in `prompt_ids`, computed once per prompt and model state;
+        None where they cannot be reused: `prefix_caching` off, no text before the image, or a parameter that
+        needs gradients (training)."""
+        ids = prompt_ids.tolist()
+        if not self.prefix_caching or IMAGE_TOKEN_INDEX not in ids[1:]:
+            return None
+        state = _model_state(self.model)
+        if state is None:
+            return None
+        if state != self._prefix_model_state:  # moved, cast, replaced or changed in place: recompute
+            self._prefix_caches, self._prefix_model_state = {}, state
+        prefix = tuple(ids[: ids.index(IMAGE_TOKEN_INDEX)])
+        if prefix not in self._prefix_caches:
+            if len(self._prefix_caches) >= 8:  # a few prompts (scoring, descriptions) in use at a time
+                self._prefix_caches.pop(next(iter(self._prefix_caches)))
+            self._prefix_caches[prefix] = self.model.encode_prompt_prefix(prompt_ids[: len(prefix)])
+        return self._prefix_caches[prefix]
 
     def scores_from_logits(self, logits: torch.Tensor, open_set: bool = False) -> LevelScores:
         level_probs = torch.softmax(logits[:, self.level_ids], dim=-1)
@@ -249,6 +339,12 @@ class ArtQuantScorer:
         )
         batch, length = spliced["inputs_embeds"].shape[:2]
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
+        # One sequence per image, cache on: `generate` then runs only the embeddings after the cached prefix.
+        one_sequence_each = all(generate_kwargs.get(k, 1) == 1 for k in ("num_beams", "num_return_sequences"))
+        if one_sequence_each and generate_kwargs.get("use_cache", True) and "generation_config" not in generate_kwargs:
+            prefix = self._prompt_prefix(prompt_ids.to(self.device))
+            if prefix is not None:
+                generate_kwargs["cache"] = prefix.for_batch(batch)
         return network.generate(
             inputs_embeds=spliced["inputs_embeds"],
             modality_indicators=spliced["modality_indicators"],
