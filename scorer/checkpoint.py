@@ -193,8 +193,12 @@ def quantization_config(quantization: str | None, dtype: torch.dtype):
 def _read_json(path: Path, remedy: str) -> dict:
     """The JSON object in `path`; anything else is a CheckpointError that names the file and ends with `remedy`."""
     try:
-        values = json.loads(path.read_bytes())
-    except (OSError, ValueError) as error:  # also JSONDecodeError and UnicodeDecodeError
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror or error}): check its permissions.") from None
+    try:
+        values = json.loads(data)
+    except ValueError as error:  # also JSONDecodeError and UnicodeDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({error}): {remedy}") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} holds a JSON {type(values).__name__}, not an object: {remedy}")
