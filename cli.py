@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(run=command_score)
 
     report = commands.add_parser("report", help="a static HTML page of scores: thumbnails by score, histogram, filters")
-    report.add_argument("scores", help="scores .csv, .jsonl or .parquet, or the folder of artquant eval or best-of-n")
+    report.add_argument("scores", help="scores .csv, .jsonl or .parquet, or the folder of artquant eval, best-of-n or dataset scoring")
     report.add_argument("--out", default="artquant-report", help="folder for index.html and thumbs/ (default: artquant-report)")
     report.add_argument("--descriptions", help="JSONL written by artquant describe, shown beside the images")
     report.add_argument("--image-root", help="folder the relative image paths are under (default: the working directory, else the scores file's folder)")

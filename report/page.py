@@ -165,9 +165,12 @@ def scatter_svg(predicted: Sequence[float], human: Sequence[float]) -> str:
 def _metrics_html(metrics: Mapping) -> str:
     rows = []
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
             continue
-        shown = "n/a" if isinstance(value, float) and not math.isfinite(value) else (f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):  # undefined (eval writes null)
+            shown = "n/a"
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
         rows.append(f"<tr><th>{html.escape(METRIC_NAMES.get(key, key))}</th><td data-metric=\"{html.escape(key)}\">{shown}</td></tr>")
     return f'<table class="metrics"><caption>Against the human scores</caption>{"".join(rows)}</table>'
 

@@ -1,4 +1,5 @@
-"""Reading scores for a report: the score CLI's CSV and JSONL, Parquet, `artquant eval`'s and `best-of-n`'s folders.
+"""Reading scores for a report: the score CLI's CSV and JSONL, Parquet (a file, or dataset scoring's folder of
+them), `artquant eval`'s and `best-of-n`'s folders.
 
 Every reader ends in the same `ScoreTable`: one `ScoreRow` per image (the last row wins when a resumed JSONL
 holds a path twice), unscored rows kept as failures with their error, and warnings for what had to be skipped.
@@ -171,6 +172,20 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
         raise ReportInputError(f"{path}: not a readable Parquet file ({bad}).") from bad
 
 
+def _read_parquet_folder(folder: Path) -> ScoreTable:
+    """The folder of Parquet files that dataset scoring (`serve/`) writes, one per batch; a half-written file (from
+    a kill) is skipped with a warning."""
+    records, warnings = [], []
+    for file in sorted(folder.glob("*.parquet")):
+        try:
+            records += _read_parquet(file)[0]
+        except ReportInputError as broken:
+            warnings.append(f"{broken} Skipped.")
+    table = table_from_records(records, str(folder), folder)
+    table.warnings[:0] = warnings
+    return table
+
+
 def _read_eval_report(path: Path) -> ScoreTable:
     """`artquant eval`'s report.json: metrics, predictions (image, score, std, gt_score), failed (image, error)."""
     try:
@@ -200,8 +215,9 @@ def _read_best_of_n(path: Path) -> ScoreTable:
 
 
 def read_scores(source: str | os.PathLike) -> ScoreTable:
-    """A scores file (.csv, .jsonl, .parquet) or a folder written by `artquant eval` (report.json) or
-    `artquant best-of-n` (scores.json). Raises `ReportInputError` for what cannot be used."""
+    """A scores file (.csv, .jsonl, .parquet) or a folder written by `artquant eval` (report.json), by
+    `artquant best-of-n` (scores.json) or by dataset scoring (.parquet files). Raises `ReportInputError` for what
+    cannot be used."""
     path = Path(source)
     if path.is_dir():
         for name, reader in (("report.json", _read_eval_report), ("scores.json", _read_best_of_n)):
@@ -209,7 +225,12 @@ def read_scores(source: str | os.PathLike) -> ScoreTable:
                 table = reader(path / name)
                 break
         else:
-            raise ReportInputError(f"{path} is a folder without report.json (artquant eval) or scores.json (best-of-n).")
+            if not any(path.glob("*.parquet")):
+                raise ReportInputError(
+                    f"{path} is a folder without report.json (artquant eval), scores.json (best-of-n) or .parquet "
+                    "files (dataset scoring)."
+                )
+            table = _read_parquet_folder(path)
     elif not path.exists():
         raise ReportInputError(f"scores file not found: {path}")
     elif path.name in ("report.json", "scores.json"):

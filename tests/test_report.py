@@ -119,13 +119,34 @@ def test_parquet_with_key_column(reference_dir, tmp_path):
     assert data["failures"] == [[str(images / "nothing.png"), "FileNotFoundError: nothing.png"]]
 
 
+def test_dataset_scoring_folder_of_parquet_files(reference_dir, tmp_path):
+    """serve/'s dataset scoring writes one Parquet file per batch (key, score, std, p_<level>, error; NaN when not
+    scored); a half-written file from a kill is skipped."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    images, folder = reference_dir / "images", tmp_path / "scored"
+    folder.mkdir()
+    probs = {f"p_{n}": [0.2, math.nan] for n in LEVELS}
+    pq.write_table(pa.table({"key": [str(images / "rocket.png"), "shard-0/17"], "score": [7.0, math.nan],
+                             "std": [1.0, math.nan], **probs, "error": [None, "shard-0/17: not an image"]}), folder / "0.parquet")
+    pq.write_table(pa.table({"key": [str(images / "coffee.png")], "score": [4.0], "std": [0.5],
+                             **{f"p_{n}": [0.2] for n in LEVELS}, "error": pa.array([None], pa.string())}), folder / "1.parquet")
+    (folder / "2.parquet").write_bytes(b"PAR1 half written")
+    page = write_report(folder, tmp_path / "report")
+    data = page_data(page)
+    assert full_paths(data) == [str(images / "rocket.png"), str(images / "coffee.png")] and all(data["thumb"])
+    assert data["failures"] == [["shard-0/17", "shard-0/17: not an image"]]
+    assert "2.parquet: not a readable Parquet file" in page.read_text()
+
+
 def test_eval_folder_shows_metrics_and_scatter(reference_dir, tmp_path):
     images = reference_dir / "images"
     predictions = [
         {"image": str(images / name), "score": score, "std": 1.0, "gt_score": human}
         for name, score, human in [("astronaut.png", 6.0, 6.5), ("camera.png", 3.0, 2.0), ("coffee.png", 5.5, 5.0), ("rocket.png", 7.5, 8.0)]
     ]
-    report = {"metrics": {"n": 4, "srcc": 1.0, "plcc": 0.9876, "plcc_logistic": math.nan, "mae": 0.625},
+    report = {"metrics": {"n": 4, "srcc": 1.0, "plcc": 0.9876, "plcc_logistic": math.nan, "krcc": None, "mae": 0.625},
               "failed": [{"image": str(images / "chelsea.png"), "error": "OSError: truncated"}],
               "predictions": predictions, "model": "release", "data": "test.json"}
     folder = tmp_path / "eval"
@@ -135,6 +156,7 @@ def test_eval_folder_shows_metrics_and_scatter(reference_dir, tmp_path):
     text, data = page.read_text(), page_data(page)
     assert data["human"] == [8.0, 6.5, 5.0, 2.0]  # in the page's order: predicted 7.5, 6.0, 5.5, 3.0
     assert 'data-metric="plcc">0.9876<' in text and 'data-metric="plcc_logistic">n/a<' in text
+    assert 'data-metric="krcc">n/a<' in text and 'data-metric="mae">0.6250<' in text
     assert 'data-metric="n">4<' in text
     assert len(re.findall(r'<circle class="point"', text)) == 4
     assert data["failures"] == [[str(images / "chelsea.png"), "OSError: truncated"]]
@@ -345,7 +367,7 @@ def test_bad_options(fixture_csv, tmp_path, kwargs, message):
 
 
 def test_folder_without_known_report(tmp_path):
-    with pytest.raises(ReportInputError, match="folder without report.json"):
+    with pytest.raises(ReportInputError, match=r"folder without report.json \(artquant eval\), scores.json"):
         read_scores(tmp_path)
 
 
