@@ -10,6 +10,7 @@ anew. ComfyUI is optional: inside it the network is wrapped in a `ModelPatcher` 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -111,6 +112,23 @@ def folder_fingerprint(location: str | None) -> tuple:
             stat = entry.stat()  # follows symlinks: a re-pointed link counts as a change
             entries.append((entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
     return (os.path.realpath(location), *entries)
+
+
+def release_base(model: str, default_base: str | None) -> str | None:
+    """The base a local LoRA release loads on when none is chosen: the local folder it records, else the preset's
+    default base (so two presets share a release's copy whenever the release names its base folder). None for
+    anything that is not a local release."""
+    adapter_config = os.path.join(model, LORA_RELEASE_MARKER)
+    if not os.path.isfile(adapter_config):
+        return None
+    try:
+        recorded = json.loads(Path(adapter_config).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return default_base  # the loader reports the broken file
+    for candidate in (os.path.join(model, recorded), recorded) if recorded else ():
+        if os.path.isdir(candidate):
+            return os.path.normpath(candidate)
+    return default_base or recorded
 
 
 @dataclass(frozen=True)
@@ -249,9 +267,10 @@ def compute_device(device: str) -> str | None:
 def load_model(model: str, base: str | None, preset: str, dtype: str, device: str, quantization: str = "none") -> ArtQuantModel:
     """An ARTQUANT_MODEL for `preset` on the weights of `model`: the copy already held when there is one for the same
     checkpoint files, base, dtype, device and quantization, else a fresh load."""
-    get_preset(preset)  # an unknown preset fails before any loading
+    chosen_preset = get_preset(preset)  # an unknown preset fails before any loading
     device = compute_device(device)
-    key = WeightsKey(model, base, folder_fingerprint(model), dtype, str(device), quantization)
+    key = WeightsKey(model, base or release_base(model, chosen_preset.base_id), folder_fingerprint(model), dtype,
+                     str(device), quantization)
 
     def load() -> LoadedWeights:
         quantized = quantization != "none"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -249,11 +250,18 @@ def test_missing_model_is_a_clear_execution_error(comfy):
     assert "neither a checkpoint folder nor a Hugging Face id" in errors[0]["exception_message"]
 
 
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
 def api_prompt(ui_workflow: dict, object_info: dict) -> dict:
-    """The API-format prompt the frontend would queue for a UI-format workflow (links, then widget values in order)."""
+    """The API-format prompt the frontend would queue for a UI-format workflow: links, then widget values in order (a
+    widget fed by a link keeps its value in the list; "control after generate" adds one). Notes are frontend-only."""
     links = {link[0]: link for link in ui_workflow["links"]}
     prompt = {}
     for node in ui_workflow["nodes"]:
+        if node["type"] not in object_info:
+            assert node["type"] in ("MarkdownNote", "Note"), node["type"]
+            continue
         info = object_info[node["type"]]
         linked = {slot["name"]: [str(links[slot["link"]][1]), links[slot["link"]][2]] for slot in node["inputs"] if slot["link"] is not None}
         widgets = iter(node["widgets_values"])
@@ -261,27 +269,58 @@ def api_prompt(ui_workflow: dict, object_info: dict) -> dict:
         for section in ("required", "optional"):
             for name in info["input_order"].get(section, []):
                 spec = info["input"][section][name]
+                options = spec[1] if len(spec) > 1 else {}
+                if (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES) and not options.get("forceInput"):
+                    inputs[name] = next(widgets)
+                    if options.get("control_after_generate") or options.get("image_upload"):
+                        next(widgets)  # the control's (or the upload button's) own widget value
                 if name in linked:
                     inputs[name] = linked[name]
-                elif isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                    inputs[name] = next(widgets)
-                    if len(spec) > 1 and spec[1].get("image_upload"):
-                        next(widgets)  # the upload button's own widget value
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
 
-def test_example_workflows_are_listed_and_run(comfy):
+def on_tiny_model(prompt: dict) -> dict:
+    """The example's checkpoint (and its text encoders) replaced by the tiny SD 1.x test model, a 64 x 64 batch of 4
+    and 2 steps: the same graph, runnable here."""
+    checkpoints = {key for key, node in prompt.items() if node["class_type"] == "CheckpointLoaderSimple"}
+    encoders = {key for key, node in prompt.items() if node["class_type"] == "CLIPTextEncode"}
+    # CheckpointLoaderSimple gives (MODEL, CLIP, VAE); the tiny model (MODEL, VAE, CONDITIONING).
+    remap = {**{(key, 0): (key, 0) for key in checkpoints}, **{(key, 2): (key, 1) for key in checkpoints},
+             **{(key, 0): (next(iter(checkpoints)), 2) for key in encoders}}
+    rewritten = {}
+    for key, node in prompt.items():
+        if key in encoders:
+            continue
+        if key in checkpoints:
+            node = {"class_type": "TinyArtQuantTestModel", "inputs": {"family": "sd1-eps", "seed": 0}}
+        inputs = {name: list(remap.get(tuple(value), value)) if isinstance(value, list) else value for name, value in node["inputs"].items()}
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=4)
+        if node["class_type"] == "KSampler":
+            inputs["steps"] = 2
+        if node["class_type"] == "ArtQuantDescribe":
+            inputs["max_new_tokens"] = 4  # keep the tiny model's generation short
+        rewritten[key] = {**node, "inputs": inputs}
+    return rewritten
+
+
+EXAMPLES = sorted(path.stem for path in (REPO_ROOT / "example_workflows").glob("*.json"))
+
+
+def test_example_workflows_are_listed_with_thumbnails_and_run(comfy, same_size_images):
     templates = comfy.request("/workflow_templates")[PACK_FOLDER]
-    assert sorted(templates) == ["artquant_describe", "artquant_filter", "artquant_score_and_rank"]
+    assert sorted(templates) == EXAMPLES and len(EXAMPLES) == 3
+    folder = comfy.base / "input" / "artquant_examples"  # the folder the third example filters
+    folder.mkdir(exist_ok=True)
+    for name in same_size_images:
+        shutil.copy(comfy.base / "input" / name, folder / name)
     object_info = comfy.request("/object_info")
     for name in templates:
+        thumbnail = urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(name)}.jpg", timeout=30)
+        assert thumbnail.headers["Content-Type"] == "image/jpeg", name
         ui_workflow = json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
-        prompt = api_prompt(ui_workflow, object_info)
-        for node in prompt.values():
-            if node["class_type"] == "ArtQuantDescribe":
-                node["inputs"]["max_new_tokens"] = 4  # keep the tiny model's generation short
-        entry = comfy.run(prompt)
+        entry = comfy.run(on_tiny_model(api_prompt(ui_workflow, object_info)))
         assert entry["status"]["status_str"] == "success", (name, entry["status"])
         assert entry["outputs"], name
 

@@ -8,9 +8,12 @@ test_comfy_integration.py.
 from __future__ import annotations
 
 import gc
+import itertools
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +321,27 @@ def test_guidance_through_the_real_scorer_raises_the_score(lora_scorer):
     moved = guidance.RewardGuidance(decode, reward, scale=0.2, chunk=2)(latent)
     with torch.no_grad():
         assert (reward(decode(moved)) > reward(decode(latent))).all()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Example workflows (run in a real ComfyUI by test_comfy_integration.py; their layout is checked here)
+# ------------------------------------------------------------------------------------------------------------------
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its `pos`
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_workflow_nodes_do_not_overlap_and_links_match_their_slots(path):
+    workflow = json.loads(path.read_text())
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in workflow["nodes"]}
+    for a, b in itertools.combinations(boxes, 2):
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+        assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap in {path.name}"
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id in nodes[source]["outputs"][source_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[source]["outputs"][source_slot]["type"] == kind
+    assert all(n.get("title") for n in workflow["nodes"]), "every node has a readable title"
+    assert path.with_suffix(".jpg").is_file(), "ComfyUI's template browser shows <name>.jpg as the thumbnail"
