@@ -57,6 +57,13 @@ def test_images_in_score_order_with_histogram_and_failures(page, reference_dir):
     assert len(re.findall(r'<rect class="bin"', dom)) >= 10
     assert "rocket_rgba.png</td><td>ImageInputError: cannot identify image file</td>" in dom
     assert '<section id="failures">' in dom  # no longer hidden
+    # Each card carries its level-probability bars (shown on hover or click), the most probable level marked.
+    start = dom.index('<figure class="card"')
+    first_card = dom[start:dom.index("</figure>", start)]
+    widths = re.findall(r'<div class="fill" style="width: ([\d.]+)%;">', first_card)
+    assert [float(w) for w in widths] == pytest.approx([100 * p for p in SCORES["chelsea.png"][2]], abs=0.05)
+    assert '<div class="bar top"><span class="name">excellent</span>' in first_card
+    assert '<span class="level">excellent</span>' in first_card
 
 
 def test_score_range_filter_hides_the_others(page):
