@@ -213,7 +213,7 @@ def _summary(rows: list[dict], skipped: int) -> str:
 
 def _apply_pixel_limit(args) -> int:
     """The --max-pixels limit (default: PIL's bomb limit). The scorer refuses larger images itself, one by one, from
-    their header; PIL's own check is raised to a larger limit (never lowered) and its warning silenced."""
+    their header; PIL's own refusal is moved up to a larger limit (never down) and its warning silenced."""
     import warnings
 
     from PIL import Image
@@ -223,8 +223,8 @@ def _apply_pixel_limit(args) -> int:
     limit = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     if limit < 1:
         raise OutputError(f"--max-pixels must be at least 1, got {limit}.")
-    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit
+    if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:  # PIL refuses over twice its limit
+        Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     return limit
 

@@ -22,7 +22,9 @@ def test_score_csv_matches_golden_and_recurses(reference_dir, golden, tmp_path, 
     assert sorted(rows) == sorted(golden["images"])
     for name, expected in zip(golden["images"], golden["lora_scores"]):
         assert float(rows[name]["score"]) == pytest.approx(expected, abs=1e-4)
-        assert float(rows[name]["p_fair"]) == pytest.approx(golden["lora_level_probs"][golden["images"].index(name)][2], abs=1e-4)
+        expected_probs = golden["lora_level_probs"][golden["images"].index(name)]
+        for level, probability in zip(golden["level_names"], expected_probs):  # every level's column, by its name
+            assert float(rows[name][f"p_{level}"]) == pytest.approx(probability, abs=1e-4)
     summary = capsys.readouterr().err
     assert "scored 6 image(s), 0 failed" in summary and "best" in summary and "worst" in summary
 
@@ -67,7 +69,7 @@ def test_describe_prints_json_lines(reference_dir, capsys):
                  "--device", "cpu", "--max-new-tokens", "4"])
     assert code == 0
     row = json.loads(capsys.readouterr().out.strip())
-    assert row["path"].endswith("camera.png") and row["description"]
+    assert row["path"].endswith("camera.png") and row["description"] and row["error"] is None
 
 
 def test_missing_model_is_a_clear_error(tmp_path, reference_dir, capsys):
