@@ -230,6 +230,8 @@ def _apply_pixel_limit(args) -> int:
 
 
 def command_score(args) -> int:
+    if args.engine == "ray":
+        return command_score_ray(args)
     from tqdm import tqdm
 
     from .scorer.presets import get_preset
@@ -387,6 +389,49 @@ def command_best_of_n(args) -> int:
     return 0 if all(c["error"] is None for c in summary["candidates"]) else 1
 
 
+def command_score_ray(args) -> int:
+    """`score --engine ray`: the same scores on Ray Data, into a folder of Parquet files (resumable)."""
+    from .serve.dataset import DatasetSourceError, score_dataset
+
+    if not args.out or Path(args.out).suffix != ".parquet":
+        raise SystemExit("--engine ray writes Parquet: pass --out scores.parquet (a folder of Parquet files).")
+    try:
+        summary = score_dataset(
+            args.paths, args.out, model=args.model, base=args.base, preset=args.preset, dtype=args.dtype,
+            batch_size=args.batch_size, actors=args.actors, image_column=args.image_column, key_column=args.key_column,
+        )
+    except DatasetSourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"scored {summary['scored']} image(s), {summary['failed']} failed, {summary['already_done']} already done"
+        + (f", removed {summary['removed_partial_files']} half-written file(s)" if summary["removed_partial_files"] else "")
+        + f" -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0 if summary["failed"] == 0 else 1
+
+
+def command_serve(args) -> int:
+    from .serve.server import run_server
+
+    app_args = {
+        "model": args.model, "base": args.base, "preset": args.preset, "dtype": args.dtype, "device": args.device,
+        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout,
+        "max_images": args.max_images, "max_bytes": args.max_bytes, "max_pixels": args.max_pixels,
+    }
+    try:
+        run_server(
+            app_args, host=args.host, port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+            gpus_per_replica=args.gpus_per_replica,
+            max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="artquant", description="ArtQuant aesthetic scoring")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -399,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     score.add_argument("--report", metavar="DIR", help="also write an HTML report of the scores into DIR (see artquant report)")
+    score.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="ray: Ray Data over image folders, .parquet and WebDataset .tar sources (RAY_ADDRESS for a cluster); --out a .parquet folder")
+    score.add_argument("--actors", type=int, help="--engine ray: model actors (default: one per GPU, else one)")
+    score.add_argument("--image-column", help="--engine ray: image-bytes column of Parquet sources (default: image, jpg, png, ...)")
+    score.add_argument("--key-column", help="--engine ray: key column of Parquet sources (default: key, __key__, id, path)")
     score.set_defaults(run=command_score)
 
     report = commands.add_parser("report", help="a static HTML page of scores: thumbnails by score, histogram, filters")
@@ -460,6 +510,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate, release the pipeline, then load the scorer and score: the two never share memory",
     )  # fmt: skip
     best_of_n.set_defaults(run=command_best_of_n)
+
+    serve_parser = commands.add_parser("serve", help="an HTTP reward server on Ray Serve (batched across clients)")
+    _add_model_arguments(serve_parser)
+    serve_parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; any other needs $ARTQUANT_SERVE_TOKEN)")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, else one on the CPU)")
+    serve_parser.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs each CPU replica holds (default 1)")
+    serve_parser.add_argument("--gpus-per-replica", type=float, default=1, help="GPUs each replica holds (0.5: two replicas share a GPU)")
+    serve_parser.add_argument("--max-batch-size", type=int, default=16, help="images per model call (default 16)")
+    serve_parser.add_argument("--batch-wait-timeout", type=float, default=0.01, help="seconds to wait for a fuller batch (default 0.01)")
+    serve_parser.add_argument("--max-ongoing-requests", type=int, default=32, help="requests a replica holds at once (default 32)")
+    serve_parser.add_argument("--max-queued-requests", type=int, default=128, help="requests waiting for a replica before 503 (default 128)")
+    serve_parser.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
+    serve_parser.add_argument("--max-bytes", type=int, default=64 * 1024 * 1024, help="bytes per request (default 64 MiB)")
+    serve_parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="pixels per image (default 4096x4096)")
+    serve_parser.set_defaults(run=command_serve)
     return parser
 
 
