@@ -10,6 +10,7 @@ one. So the number of results always equals the number of images, whatever is wr
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -261,6 +262,15 @@ def iter_images(
     `inputs`: a path, image bytes, PIL image, numpy array, tensor (a 4-D one counts as its images), or an iterable
     of these. Nothing about one item, however broken, raises or changes the others.
     """
+    return (load() for load in iter_image_loaders(inputs, layout, max_pixels))
+
+
+def iter_image_loaders(
+    inputs: Any, layout: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Callable[[], tuple[str | None, torch.Tensor | ImageInputError]]]:
+    """`iter_images` with each decode deferred: one call per image, in order, each returning what `iter_images`
+    yields for it. Files, bytes and PIL images decode inside the call, so calls may run on worker threads (PIL
+    releases the GIL while decoding); arrays are converted here, as they are enumerated."""
     if layout not in ("auto", "BCHW", "BHWC"):
         raise ValueError(f"layout must be 'auto', 'BCHW' or 'BHWC', not {layout!r}.")
     single = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
@@ -269,18 +279,23 @@ def iter_images(
     for index, item in enumerate(inputs):
         where = _source(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"
         if isinstance(item, (np.ndarray, torch.Tensor)):
-            yield from _array_images(item, layout, where, max_pixels)
+            for converted in _array_images(item, layout, where, max_pixels):
+                yield lambda converted=converted: converted
             continue
-        try:
-            yield _source(item), _one_image(item, max_pixels, where)
-        except ImageInputError as error:
-            yield _source(item), error
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            yield _source(item), ImageInputError(
-                f"{where}: refused by PIL's decompression-bomb check ({error}); if the file is trusted, raise "
-                "PIL.Image.MAX_IMAGE_PIXELS and max_pixels (--max-pixels).")
-        except Exception as error:  # noqa: BLE001 - whatever breaks on one image stays with that image
-            yield _source(item), ImageInputError(f"{where}: could not be read ({type(error).__name__}: {error}).")
+        yield functools.partial(_load_one, item, max_pixels, where)
+
+
+def _load_one(item: Any, max_pixels: int, where: str) -> tuple[str | None, torch.Tensor | ImageInputError]:
+    try:
+        return _source(item), _one_image(item, max_pixels, where)
+    except ImageInputError as error:
+        return _source(item), error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return _source(item), ImageInputError(
+            f"{where}: refused by PIL's decompression-bomb check ({error}); if the file is trusted, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS and max_pixels (--max-pixels).")
+    except Exception as error:  # noqa: BLE001 - whatever breaks on one image stays with that image
+        return _source(item), ImageInputError(f"{where}: could not be read ({type(error).__name__}: {error}).")
 
 
 def load_images(

@@ -14,7 +14,10 @@ about as much as its own pixels.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .images import DEFAULT_MAX_PIXELS, ImageInputError, iter_images
+from .images import DEFAULT_MAX_PIXELS, ImageInputError, iter_image_loaders
 
 PIL_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 (pixel) - 2 (headroom)
 _BAND_ELEMENTS = 1 << 21  # pixels converted to float at a time in the first resampling pass (16 MiB in float64)
@@ -211,6 +214,31 @@ class PixelBatch:
     pixel_values: torch.Tensor | None
 
 
+def default_workers() -> int:
+    """Input threads when none are asked for: the CPUs this process may use, at most 8."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, available))
+
+
+def in_order(function: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """`function(item)` for each item, in the items' order, computed on `workers` threads at most `ahead` items
+    before the consumer takes them (one worker: in the calling thread, nothing ahead)."""
+    if workers == 1:
+        yield from map(function, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="artquant-input")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the consumer stops early: nothing keeps decoding for no one
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def iter_pixel_batches(
     inputs: Any,
     config: ImageProcessingConfig,
@@ -218,24 +246,53 @@ def iter_pixel_batches(
     layout: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device: torch.device | str | None = None,
+    workers: int | None = 1,
 ) -> Iterator[PixelBatch]:
     """The one path from user inputs to model batches: each image is decoded and preprocessed (on `device`) only
     when its batch is built, and its decoded pixels are dropped at once, so memory is bounded by one decoded image
     plus one batch of `pixel_values`, however many inputs there are. A bad image is an entry in `errors`, never an
-    exception; the batches together have exactly one entry per input image, in order."""
+    exception; the batches together have exactly one entry per input image, in order.
+
+    `workers` > 1 (None: `default_workers()`) decodes and preprocesses that many images at a time on threads (PIL
+    and torch release the GIL), up to one batch ahead of the consumer, so the next batch is made while the model
+    runs; memory then holds about two batches. The batches are the same as with one worker. On a CUDA device the
+    threads decode into pinned memory and each image goes to the GPU without blocking, to be preprocessed there.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}.")
+    device = None if device is None else torch.device(device)
+    on_cpu = device is None or device.type == "cpu"
+
+    def failure(source: str | None, error: Exception) -> str:
+        return f"{source or 'image'}: preprocessing failed ({type(error).__name__}: {error})."
+
+    def prepare(load) -> tuple[str | None, str | None, torch.Tensor | None]:
+        """(source, error, pixel_values on the CPU, or the decoded image for a device) of one image."""
+        source, image = load()
+        if isinstance(image, ImageInputError):
+            return source, str(image), None
+        try:
+            if on_cpu:
+                return source, None, pixel_values_from_images(image[None], config)
+            return source, None, image.pin_memory() if device.type == "cuda" else image
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory on one huge image: that image fails
+            return source, failure(source, error), None
+
     sources: list[str | None] = []
     errors: list[str | None] = []
     ready: list[torch.Tensor] = []
-    for source, image in iter_images(inputs, layout, max_pixels):
-        error = str(image) if isinstance(image, ImageInputError) else None
-        if error is None:
+    for source, error, tensor in in_order(prepare, iter_image_loaders(inputs, layout, max_pixels), workers, batch_size):
+        if error is None and not on_cpu:
             try:
-                ready.append(pixel_values_from_images((image if device is None else image.to(device))[None], config))
-            except Exception as failure:  # noqa: BLE001 - e.g. out of memory on one huge image: that image fails
-                error = f"{source or 'image'}: preprocessing failed ({type(failure).__name__}: {failure})."
-        del image
+                tensor = pixel_values_from_images(tensor.to(device, non_blocking=True)[None], config)
+            except Exception as failed:  # noqa: BLE001 - as above, on the device
+                error, tensor = failure(source, failed), None
+        if error is None:
+            ready.append(tensor)
+        del tensor
         sources.append(source)
         errors.append(error)
         if len(sources) == batch_size:

@@ -227,6 +227,7 @@ class ArtQuantScorer:
         layout: str = "auto",
         progress=None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
     ) -> list[ImageScore]:
         """Scores paths, image bytes, PIL images, numpy HWC arrays, torch [B]CHW tensors in [0, 1] (or uint8) and
         ComfyUI BHWC batches. One `ImageScore` per image (a 4-D batch counts as its images), in order, with `source`
@@ -235,10 +236,10 @@ class ArtQuantScorer:
 
         A score does not depend on the batch its image is in, up to float rounding: tested within 1e-5 in float32
         on the CPU (compare scores with a tolerance, never exactly; bf16/fp16 on a GPU differ more).
-        `progress`: an optional callable given the number of images just finished.
+        `progress`: an optional callable given the number of images just finished. `workers`: see `score_batches`.
         """
         results: list[ImageScore] = []
-        for batch in self.score_batches(images, batch_size, open_set, layout, max_pixels):
+        for batch in self.score_batches(images, batch_size, open_set, layout, max_pixels, workers):
             results.extend(batch)
             if progress is not None:
                 progress(len(batch))
@@ -251,6 +252,7 @@ class ArtQuantScorer:
         open_set: bool = False,
         layout: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
     ) -> Iterator[list[ImageScore]]:
         """`score`, one list per batch of `batch_size` consecutive images, as soon as that batch is done: images are
         decoded only when their batch is built, so memory is bounded by the batch, not by the number of inputs.
@@ -259,8 +261,11 @@ class ArtQuantScorer:
         meta tensors are per-image errors; images over `max_pixels` (default PIL's bomb limit, ~179 MP) are refused
         from their header. Float images are quantised to 8 bits first, so a picture scores the same as a file or as
         a tensor. A model output that is not finite (NaN) is an error, never a score.
+
+        `workers` threads (default: one per CPU, at most 8) decode and preprocess the next batch while the model
+        runs on this one; the results are the same with any number (1: all in the calling thread).
         """
-        batches = iter_pixel_batches(images, self.image_config, batch_size, layout, max_pixels, self.device)
+        batches = iter_pixel_batches(images, self.image_config, batch_size, layout, max_pixels, self.device, workers)
         for batch in batches:
             with torch.inference_mode():
                 output = None
@@ -308,18 +313,19 @@ class ArtQuantScorer:
         batch_size: int = 4,
         layout: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
         **generate_kwargs,
     ) -> list[str]:
         """The aesthetic description (perception, cognition, emotion) of each image, generated with the KV cache.
         Greedy unless `do_sample=True`. One string per image, in order (inputs as for `score`, decoded a batch at a
         time); an image that cannot be used gets the string "[error: <what is wrong>]" in its place, never an
-        exception."""
+        exception. `workers`: input threads, as for `score_batches`."""
         prompt_ids = torch.tensor(
             self.tokenizer.encode_with_images(self.preset.prompt(question or self.preset.describe_question, "")),
             device=self.device,
         )
         texts: list[str] = []
-        for batch in iter_pixel_batches(images, self.image_config, batch_size, layout, max_pixels, self.device):
+        for batch in iter_pixel_batches(images, self.image_config, batch_size, layout, max_pixels, self.device, workers):
             generated = iter(())
             if batch.pixel_values is not None:
                 with torch.inference_mode():
