@@ -261,8 +261,14 @@ def _explain_load_failure(location: str, config: MplugOwl2Config, config_file: P
     )
 
 
-def _load_full_model(location: str, dtype: torch.dtype, config: MplugOwl2Config, config_file: Path, quantization=None):
-    extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization else {}
+def _load_full_model(location: str, dtype: torch.dtype, config: MplugOwl2Config, config_file: Path, quantization=None,
+                     device: torch.device | None = None):
+    if quantization:
+        extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+    else:
+        # Built on the meta device, then each weight goes from the memory-mapped files to `device` in `dtype`:
+        # no float32 model first, no whole copy in RAM on the way to a GPU.
+        extra = {"device_map": {"": _indexed(device or torch.device("cpu"))}}
     try:
         model, info = MPLUGOwl2LlamaForCausalLM.from_pretrained(
             location, dtype=dtype, config=config, output_loading_info=True, weights_only=True, **extra
@@ -285,6 +291,12 @@ def _load_full_model(location: str, dtype: torch.dtype, config: MplugOwl2Config,
             "the config and the weights come from different models: download the checkpoint's config.json again."
         )
     return model
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:<current>`: a device map names one device."""
+    device = torch.device(device)
+    return torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
 
 
 def _non_lora_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -423,10 +435,13 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     merge_lora: bool = True,
     quantization: str | None = None,
+    device: torch.device | str | None = None,
 ) -> LoadedCheckpoint:
     """Loads a full checkpoint, or an ArtQuant LoRA release on top of `base` (else the release's recorded base,
     else `default_base`). Tokenizer and preprocessing come from the checkpoint, else from its base.
     `quantization` "8bit"/"4bit" loads the LLM through bitsandbytes (CUDA only; LoRA is then applied unmerged).
+    The weights load straight onto `device` (default: the CPU) in `dtype`, where a LoRA release is also merged;
+    peft is imported only for a LoRA release.
 
     The small files (configs, tokenizer, preprocessor) are checked before any weights are read, and every broken
     part is a `CheckpointError` that names the file and says what to do."""
@@ -450,7 +465,7 @@ def load_checkpoint(
     tokenizer = _load_tokenizer(_first_file(sources, "tokenizer.model"), sources, config)
     image_config = _image_config(_first_file(sources, "preprocessor_config.json"), config)
 
-    network = _load_full_model(sources[-1], dtype, config, config_file, quantization)
+    network = _load_full_model(sources[-1], dtype, config, config_file, quantization, device)
     if adapter_config is not None:
         non_lora = _first_file([model], *NON_LORA_WEIGHTS)
         if non_lora is not None:

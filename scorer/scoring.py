@@ -135,8 +135,9 @@ class ArtQuantScorer:
             dtype=dtype,
             merge_lora=merge_lora,
             quantization=quantization,
+            device=device,
         )
-        if quantization is None:  # bitsandbytes places the weights itself
+        if quantization is None:  # a no-op for the weights (loaded there); catches any buffer made elsewhere
             checkpoint.model.to(device)
         if compile:
             checkpoint.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
