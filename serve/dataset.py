@@ -304,7 +304,7 @@ def score_dataset(
         fn_constructor_args=(scorer_options,),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=actors or max(gpus, 1),
+        compute=ray.data.ActorPoolStrategy(size=actors or max(gpus, 1)),
         num_gpus=1 if gpus else 0,
     )
     scored.write_parquet(str(out), min_rows_per_file=rows_per_file)

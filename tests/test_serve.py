@@ -205,19 +205,23 @@ def test_client_in_a_flow_grpo_venv_gets_golden_scores(server, reference_images,
         "import json, sys, numpy as np, torch, transformers, peft, diffusers\n"
         "from PIL import Image\n"
         "from artquant_client import RemoteReward\n"
-        "paths = json.loads(sys.argv[1])\n"
-        "images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert('RGB'))).permute(2, 0, 1) for p in paths]).float() / 255\n"
         f"reward_fn = RemoteReward({server['url']!r}, token={TOKEN!r}).multi_score({{'artquant': 1.0}})\n"
-        "details, _ = reward_fn(images, ['a prompt'] * len(paths), [{}] * len(paths), only_strict=True)\n"
-        "print(json.dumps({'versions': [transformers.__version__, peft.__version__, diffusers.__version__], 'scores': details['artquant']}))\n"
+        "scores = {}\n"
+        "for group in json.loads(sys.argv[1]):  # flow_grpo's batches: float NCHW tensors of one size\n"
+        "    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert('RGB'))).permute(2, 0, 1) for p in group]).float() / 255\n"
+        "    details, _ = reward_fn(images, ['a prompt'] * len(group), [{}] * len(group), only_strict=True)\n"
+        "    scores.update(zip(group, details['artquant']))\n"
+        "print(json.dumps({'versions': [transformers.__version__, peft.__version__, diffusers.__version__], 'scores': scores}))\n"
     )
-    same_size = [p for p in reference_images if Image.open(p).size == Image.open(reference_images[0]).size]
-    result = subprocess.run([str(python), "-c", script, json.dumps([str(p) for p in same_size])], capture_output=True, text=True, timeout=300)
+    groups: dict = {}
+    for path in reference_images:
+        groups.setdefault(Image.open(path).size, []).append(str(path))
+    result = subprocess.run([str(python), "-c", script, json.dumps(list(groups.values()))], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout.strip().splitlines()[-1])
     assert output["versions"] == ["4.40.0", "0.10.0", "0.33.1"]
-    expected = [golden["base_scores"][golden["images"].index(p.name)] for p in same_size]
-    np.testing.assert_allclose(output["scores"], expected, atol=TOLERANCE, rtol=0)
+    got = [output["scores"][str(path)] for path in reference_images]
+    np.testing.assert_allclose(got, golden["base_scores"], atol=TOLERANCE, rtol=0)
 
 
 def test_serve_refuses_to_bind_beyond_loopback_without_a_token(monkeypatch, capsys):
