@@ -14,6 +14,7 @@ from pathlib import Path
 
 RESULT_FIELDS = ("path", "score", "std", "error")
 DTYPE_HELP = "auto (default: bf16 on a GPU, fp32 on the CPU), fp32/float32, fp16/float16 or bf16/bfloat16"
+COMPILE_HELP = "torch.compile the vision tower and the LLM's layers (minutes at start; pays off over many batches on a GPU)"
 MAX_PIXELS_HELP = "refuse (as a per-image error) images with more pixels (default: PIL's bomb limit, 178956970)"
 
 
@@ -38,10 +39,31 @@ def _dtype_name(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int | str:
+    """A --batch-size value: a positive integer or "auto"."""
+    try:
+        return text if text == "auto" else _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, not {text!r}") from None
+
+
 def _load_scorer(args):
     from .scorer import ArtQuantScorer
 
-    return ArtQuantScorer.from_pretrained(args.model, base=args.base, preset=args.preset, dtype=args.dtype, device=args.device)
+    return ArtQuantScorer.from_pretrained(
+        args.model, base=args.base, preset=args.preset, dtype=args.dtype, device=args.device,
+        compile=getattr(args, "compile", False),
+    )
 
 
 class OutputError(Exception):
@@ -231,6 +253,8 @@ def _apply_pixel_limit(args) -> int:
 
 def command_score(args) -> int:
     if args.engine == "ray":
+        if args.batch_size == "auto" or args.compile:
+            raise SystemExit("--batch-size auto and --compile apply to --engine local; give --engine ray a number.")
         return command_score_ray(args)
     from tqdm import tqdm
 
@@ -252,8 +276,12 @@ def command_score(args) -> int:
         for folder, message in failures:
             writer.add_failure(folder, message)
         scorer = _load_scorer(args) if todo else None
+        if scorer is not None and args.batch_size == "auto":
+            args.batch_size = scorer.largest_batch_size()
         with tqdm(total=len(todo), unit="img", desc="scoring", disable=args.quiet) as bar:
-            batches = scorer.score_batches(todo, batch_size=args.batch_size, max_pixels=max_pixels) if todo else []
+            batches = scorer.score_batches(
+                todo, batch_size=args.batch_size, max_pixels=max_pixels, workers=args.workers
+            ) if todo else []
             for start, results in zip(range(0, len(todo), args.batch_size), batches):
                 for path, result in zip(todo[start : start + args.batch_size], results):
                     writer.add(path, result)
@@ -439,7 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score images (files or folders, recursed)")
     score.add_argument("paths", nargs="+")
     _add_model_arguments(score)
-    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--batch-size", type=_batch_size, default=8,
+                       help="images per model call, or auto: the largest that fits on a CUDA GPU (found at start), 8 on the CPU")
+    score.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    score.add_argument("--workers", type=_positive_int, help="threads that decode and preprocess images while the model "
+                       "runs (default: one per CPU, at most 8)")
     score.add_argument("--out", help="results.csv or results.jsonl (JSONL resumes: a rerun skips scored images)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
@@ -465,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(describe)
     describe.add_argument("--question", help="default: the preset's description question")
     describe.add_argument("--max-new-tokens", type=int, default=256)
+    describe.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     describe.add_argument("--max-pixels", type=int, help=MAX_PIXELS_HELP)
     describe.set_defaults(run=command_describe)
 
@@ -531,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
+    if isinstance(getattr(args, "batch_size", 1), int) and getattr(args, "batch_size", 1) < 1:
         raise SystemExit("--batch-size must be at least 1")
     from .scorer import CheckpointError
 

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=1, help="input threads of `score` (default 1, as the baseline)")
     args = parser.parse_args()
 
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -79,15 +80,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     expected = baseline_scores(scorer, processor, paths)  # also the warm-up
-    results = scorer.score(paths, batch_size=args.batch_size)
+    results = scorer.score(paths, batch_size=args.batch_size, workers=args.workers)
     worst = max(abs(r.score - e) for r, e in zip(results, expected))
     pairs = paired_timings(
-        lambda: baseline_scores(scorer, processor, paths), lambda: scorer.score(paths, batch_size=args.batch_size), args.repeats
+        lambda: baseline_scores(scorer, processor, paths),
+        lambda: scorer.score(paths, batch_size=args.batch_size, workers=args.workers),
+        args.repeats,
     )
     report = {
         "machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "images": args.images,
         "batch_size": args.batch_size,
+        "workers": args.workers,
         "baseline_images_per_s": args.images / statistics.median(b for b, _ in pairs),
         "ours_images_per_s": args.images / statistics.median(o for _, o in pairs),
         "speedup_median_of_pairs": statistics.median(b / o for b, o in pairs),
