@@ -186,7 +186,7 @@ def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
             joint_attention_dim=32,  # the T5 width; the two CLIP widths (16 + 16) are padded to it
             caption_projection_dim=16,
             pooled_projection_dim=32,
-            pos_embed_max_size=16,
+            pos_embed_max_size=32,  # up to 256 px
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae(shift_factor=0.0609, scaling_factor=1.5035),
