@@ -370,6 +370,7 @@ def command_eval(args) -> int:
     return run_evaluation(
         args.model or None, args.data, base=args.base, out=args.out, image_folder=args.image_folder,
         batch_size=args.batch_size, preset=args.preset, device=args.device, dtype=args.dtype, plots=not args.no_plots,
+        score_range=args.score_range,
     )
 
 
@@ -513,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="SRCC, PLCC, MAE, MSE, level accuracy, plots and a JSON report")
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--data", required=True, help="score JSON (reference format), CSV or JSONL of image, score")
+    evaluate.add_argument("--data", required=True,
+                          help="JSON list of {image, gt_score}, the reference's score JSON, or CSV/JSONL of image, score")
+    evaluate.add_argument("--score-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                          help="the data's score scale when it is not ArtQuant's 1..10 (rescaled linearly)")
     evaluate.add_argument("--image-folder", default="", help="folder the data's image paths are relative to")
     evaluate.add_argument("--out", default="artquant-eval", help="folder for report.json, scatter.png, histogram.png")
     evaluate.add_argument("--batch-size", type=int, default=8)

@@ -51,6 +51,9 @@ def test_level_position_is_found_after_the_answer_prefix(base_scorer, golden_ten
     labels = golden_tensors["sample1.labels"][None]
     prefix = torch.tensor(base_scorer.tokenizer.encode(ANSWER_PREFIX))
     position = int(find_level_positions(labels, prefix)[0])
-    assert int(labels[0, position]) == golden["level_token_ids"][golden["level_names"].index("fair")]
+    # The level word of this sample's own answer ("The quality of the painting is <level>.").
+    level = golden["training_samples"][1]["conversations"][1]["value"].removeprefix(ANSWER_PREFIX).strip(" .")
+    assert int(labels[0, position]) == golden["level_token_ids"][golden["level_names"].index(level)]
+    assert labels[0, position - len(prefix):position].tolist() == prefix.tolist()
     with pytest.raises(ValueError, match="answer prefix"):
         find_level_positions(torch.full_like(labels, -100), prefix)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class TrainingConfig:
     base_model: str = "MAGAer13/mplug-owl2-llama2-7b"
     output_dir: str = "artquant-run"
     data: list[DatasetSpec] = field(default_factory=list)
+    score_range: list[float] | None = None  # the datasets' score scale when not 1..10, e.g. [0, 100]; rescaled
     eval_data: DatasetSpec | None = None  # a held-out score file evaluated every `eval_steps`
     # LoRA and which modules train
     lora: bool = True
@@ -66,15 +68,54 @@ class TrainingConfig:
         return LossWeights(self.weight_desp, self.weight_next_token, self.weight_softkl)
 
 
+# The allowed span of each numeric setting: (lowest, highest), None for no bound. Every number must be finite.
+BOUNDS = {
+    "lora_r": (1, None), "lora_alpha": (0, None), "lora_dropout": (0, 1), "weight_desp": (0, None),
+    "weight_next_token": (0, None), "weight_softkl": (0, None), "learning_rate": (0, None), "weight_decay": (0, None),
+    "warmup_ratio": (0, 1), "max_grad_norm": (0, None), "epochs": (0, None), "max_steps": (0, None),
+    "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "max_length": (1, None),
+    "num_workers": (0, None), "save_steps": (0, None), "save_total_limit": (0, None), "eval_steps": (0, None),
+    "logging_steps": (1, None),
+}
+DATA_FORMATS = ("auto", "json", "csv", "jsonl")
+
+
+def _check_bounds(name: str, value) -> None:
+    low, high = BOUNDS[name]
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{name} must be {span}, got {value!r}.")
+
+
+def _score_range(value, key: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    if (len(numbers) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers)
+            or not all(math.isfinite(v) for v in numbers) or numbers[0] >= numbers[1]):
+        raise ConfigError(f"{key} must be [lowest, highest] of the dataset's scores (e.g. [0, 100]), got {value!r}.")
+    return float(numbers[0]), float(numbers[1])
+
+
 def _dataset_spec(value, key: str) -> DatasetSpec:
     if isinstance(value, str):
         return DatasetSpec(path=value)
-    if not isinstance(value, dict) or "path" not in value:
-        raise ConfigError(f"{key}: each dataset is a path or a mapping with 'path' (and image_folder, weight, format).")
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise ConfigError(f"{key}: each dataset is a path or a mapping with 'path' (and image_folder, weight, format, "
+                          "score_range).")
     unknown = set(value) - {f.name for f in dataclasses.fields(DatasetSpec)}
     if unknown:
         raise ConfigError(f"{key}: unknown dataset keys {sorted(unknown)}.")
-    return DatasetSpec(**value)
+    spec = DatasetSpec(**value)
+    weight = spec.weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"{key}: weight must be a number > 0, got {weight!r}.")
+    if spec.format not in DATA_FORMATS:
+        raise ConfigError(f"{key}: format must be one of {', '.join(DATA_FORMATS)}, got {spec.format!r}.")
+    if not isinstance(spec.image_folder, str):
+        raise ConfigError(f"{key}: image_folder must be a folder path, got {spec.image_folder!r}.")
+    spec.score_range = _score_range(spec.score_range, f"{key}.score_range")
+    return spec
 
 
 def _convert(name: str, value, current):
@@ -84,16 +125,39 @@ def _convert(name: str, value, current):
         return [_dataset_spec(v, f"data[{i}]") for i, v in enumerate(items)]
     if name == "eval_data":
         return None if value in (None, "", "none") else _dataset_spec(value, "eval_data")
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+    if name == "score_range":
+        return _score_range(value, name)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"{name} is true or false, got {value!r}.")
-        return value.lower() in ("true", "1", "yes")
-    if kind in (int, float) and not isinstance(value, bool):
+        return str(value).lower() in ("true", "1", "yes")
+    if kind in (int, float):
         try:
-            return kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}.") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            number = float(value)
+            if kind is int and not number.is_integer():
+                raise ValueError
+        except (OverflowError, ValueError):
+            whole = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{name} must be {whole}, got {value!r}.") from None
+        converted = int(number) if kind is int and math.isfinite(number) else number
+        if name in BOUNDS:
+            _check_bounds(name, converted)
+        return converted
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{name} must be text, got {value!r}.")
     return value
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:  # syntax errors, and tags such as !!python/object that safe_load never builds
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(error).split())}. Only plain YAML values are "
+                          "accepted (no !!python tags).") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingConfig:
@@ -107,7 +171,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingC
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} cannot be read as UTF-8 text ({error}).") from None
+        values = _yaml(text, f"config file {path}") or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values.")
         root = path.parent
@@ -115,18 +183,26 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingC
         key, sep, raw = override.removeprefix("--").partition("=")
         if not sep:
             raise ConfigError(f"override {override!r} must look like key=value.")
-        values[key.replace("-", "_")] = yaml.safe_load(raw)
+        values[key.replace("-", "_")] = _yaml(raw, f"override {override!r}")
     defaults = TrainingConfig()
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
     config = TrainingConfig(**{k: _convert(k, v, getattr(defaults, k)) for k, v in values.items()})
     if config.precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"precision must be bf16, fp16 or fp32, got {config.precision!r}.")
+    if not config.max_steps and not config.epochs > 0:
+        raise ConfigError("epochs must be > 0, or set max_steps to the number of optimizer steps.")
+    from transformers import SchedulerType
+
+    schedulers = [kind.value for kind in SchedulerType]
+    if config.lr_scheduler not in schedulers:
+        raise ConfigError(f"lr_scheduler must be one of {', '.join(schedulers)}, got {config.lr_scheduler!r}.")
     if not config.data:
         raise ConfigError("no training data: set `data` to a list of files (score JSON, description JSON, CSV, JSONL).")
     for spec in [*config.data, *([config.eval_data] if config.eval_data else [])]:
+        spec.score_range = spec.score_range or config.score_range
         spec.path = str(root / spec.path)
         spec.image_folder = str(root / spec.image_folder) if spec.image_folder else ""
     config.output_dir = str(root / config.output_dir)

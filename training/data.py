@@ -8,7 +8,9 @@ probabilities of score-based distribution estimation.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import logging
 import math
 import os
@@ -22,6 +24,7 @@ import torch
 from ..scorer.images import ImageInputError, read_image
 from ..scorer.levels import ARTQUANT_LEVELS, hard_label, score_to_level_probs
 from ..scorer.modeling_mplug_owl2 import IGNORE_INDEX
+from ..scorer.presets import ARTQUANT
 from ..scorer.preprocessing import ImageProcessingConfig, pixel_values_from_images
 from ..scorer.tokenizer import IMAGE_PLACEHOLDER, PromptTokenizer
 
@@ -47,6 +50,8 @@ SCORE_QUESTIONS = (
 )
 IMAGE_COLUMNS = ("image", "filename", "file", "path", "image_path")
 SCORE_COLUMNS = ("score", "gt_score", "mos", "Score", "MOS")
+SCORE_SCALE = ARTQUANT.score_range  # the level weights' span, 1 (bad) to 10 (excellent)
+LEVEL_ANSWER = re.compile(re.escape(ANSWER_PREFIX) + r" (" + "|".join(ARTQUANT_LEVELS) + r")\b")
 
 
 class DataError(ValueError):
@@ -72,6 +77,7 @@ class DatasetSpec:
     image_folder: str = ""
     weight: float = 1.0
     format: str = "auto"  # auto | json | csv | jsonl
+    score_range: tuple[float, float] | None = None  # the dataset's own scale, rescaled to ArtQuant's 1..10
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def score_conversation(score: float, question: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading data files
+# Reading data files: every record is checked when the file is read, so a bad one is named before training starts
 # ----------------------------------------------------------------------------------------------------------------
 def _resolve_image(image: str, image_folder: str, data_file: Path) -> str:
     if os.path.isabs(image):
@@ -128,114 +134,178 @@ def _resolve_image(image: str, image_folder: str, data_file: Path) -> str:
     return str(Path(image_folder or data_file.parent) / image)
 
 
-def _sample_from_record(record: dict, where: str, image_folder: str, data_file: Path) -> Sample:
-    for key in ("image", "conversations"):
-        if key not in record:
-            raise DataError(f"{where}: missing '{key}'. Each record needs 'image' and 'conversations'.")
-    if isinstance(record["image"], list):
-        raise DataError(f"{where}: several images per sample are not supported; use one image per record.")
-    task_type = record.get("task_type", "score")
-    if task_type not in ("score", "description"):
-        raise DataError(f"{where}: task_type must be 'score' or 'description', got {task_type!r}.")
-    level_probs = record.get("level_probs") if task_type == "score" else None
-    gt_score = record.get("gt_score")
-    if task_type == "score" and level_probs is None:
-        if gt_score is None:
-            raise DataError(f"{where}: a score sample needs 'level_probs' or 'gt_score'.")
-        level_probs = score_to_level_probs([float(gt_score)])[0].tolist()
-    if level_probs is not None and len(level_probs) != len(ARTQUANT_LEVELS):
-        raise DataError(f"{where}: level_probs needs {len(ARTQUANT_LEVELS)} values (excellent..bad).")
-    return Sample(
-        image=_resolve_image(str(record["image"]), image_folder, data_file),
-        conversations=record["conversations"],
-        task_type=task_type,
-        level_probs=None if level_probs is None else [float(p) for p in level_probs],
-        gt_score=None if gt_score is None else float(gt_score),
-    )
-
-
-def _table_rows(path: Path, fmt: str) -> list[dict]:
-    if fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not a JSON line ({error}).") from None
-    return rows
-
-
 def _pick(row: dict, names: Sequence[str]):
     return next((row[n] for n in names if n in row and row[n] not in (None, "")), None)
 
 
-def read_score_table(path: str | Path, image_folder: str = "", fmt: str = "csv", seed: int = 0) -> tuple[list[Sample], list[str]]:
-    """(image, score) rows of a CSV or JSONL file -> score samples (one of the ten questions drawn per row).
-
-    Returns (samples, problems): rows without an image or a numeric score are listed in `problems`, not fatal.
-    """
-    path = Path(path)
-    rows = _table_rows(path, fmt)
-    rng = random.Random(seed)
-    kept, scores, problems = [], [], []
-    for number, row in enumerate(rows, 2 if fmt == "csv" else 1):
-        image, score = _pick(row, IMAGE_COLUMNS), _pick(row, SCORE_COLUMNS)
-        try:
-            score = float(score)
-        except (TypeError, ValueError):
-            score = math.nan
-        if image is None or not math.isfinite(score):
-            problems.append(f"{path}:{number}: needs an image ({'/'.join(IMAGE_COLUMNS)}) and a numeric score ({'/'.join(SCORE_COLUMNS)})")
-            continue
-        kept.append(str(image))
-        scores.append(score)
-    level_probs = score_to_level_probs(scores).tolist() if scores else []
-    samples = [
-        Sample(
-            image=_resolve_image(image, image_folder, path),
-            conversations=score_conversation(score, rng.choice(SCORE_QUESTIONS)),
-            level_probs=probs,
-            gt_score=score,
-        )
-        for image, score, probs in zip(kept, scores, level_probs)
-    ]
-    return samples, problems
-
-
-def read_conversation_json(path: str | Path, image_folder: str = "") -> list[Sample]:
-    """The reference's score JSON or RAD description JSON (a list of records with 'image' and 'conversations')."""
-    path = Path(path)
+def _number(value, what: str) -> float:
+    """A finite number from JSON or a CSV cell; DataError (the message says what was found) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{what} must be a number, got {value!r}")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        number = float(value)
+    except ValueError:
+        raise DataError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise DataError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def _scaled_score(value, score_range: Sequence[float] | None) -> float:
+    """The score on ArtQuant's scale (1..10): rescaled linearly from `score_range` when the dataset names one."""
+    score = _number(value, "the score")
+    low, high = SCORE_SCALE
+    if score_range is None:
+        if not low <= score <= high:
+            raise DataError(f"score {score:g} is outside ArtQuant's scale {low:g}..{high:g}; if the dataset uses "
+                            "another scale, name it in the config (e.g. score_range: [0, 100]) to rescale it")
+        return score
+    first, last = score_range
+    if not first <= score <= last:
+        raise DataError(f"score {score:g} is outside the dataset's score_range {first:g}..{last:g}")
+    return low + (score - first) * (high - low) / (last - first)
+
+
+def _check_level_probs(value) -> list[float]:
+    if not isinstance(value, list) or len(value) != len(ARTQUANT_LEVELS):
+        raise DataError(f"level_probs must be a list of {len(ARTQUANT_LEVELS)} probabilities "
+                        f"({', '.join(ARTQUANT_LEVELS)}), got {value!r}")
+    probs = [_number(p, "each of level_probs") for p in value]
+    if min(probs) < 0 or abs(sum(probs) - 1) > 1e-3:
+        raise DataError(f"level_probs must be >= 0 and sum to 1, got {value!r}")
+    return probs
+
+
+def _check_conversation(turns, task_type: str) -> None:
+    """The checks `tokenize_conversation` and the loss would otherwise make at the sample's first batch."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise DataError("conversations must be a list of {\"from\": \"human\"|\"gpt\", \"value\": text}")
+    roles = [t.get("from") for t in turns]
+    if roles[:1] == ["gpt"]:
+        roles = roles[1:]  # the reference drops a leading assistant turn
+    if len(roles) < 2 or roles != ["human", "gpt"] * (len(roles) // 2):
+        raise DataError(f"conversations must alternate human, gpt turns, got {[t.get('from') for t in turns]}")
+    if sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns) != 1:
+        raise DataError(f"conversations must hold exactly one {IMAGE_PLACEHOLDER} (one image per sample)")
+    answers = " ".join(t["value"] for t in turns if t.get("from") == "gpt")
+    if task_type == "score" and not LEVEL_ANSWER.search(answers):
+        raise DataError(f"a score answer must read '{ANSWER_PREFIX} <level>.' with a level in "
+                        f"{', '.join(ARTQUANT_LEVELS)}")
+
+
+def sample_from_record(record, spec: DatasetSpec, data_file: Path, rng: random.Random) -> Sample:
+    """One record (a JSON object, a JSONL line or a CSV row) -> a Sample; DataError says what is wrong with it.
+
+    A record with `conversations` is the reference's format; one with only an image and a score becomes a score
+    sample with one of the ten questions drawn by `rng`.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"expected an object with an image and a score or conversations, got {record!r:.80}")
+    image = _pick(record, IMAGE_COLUMNS)
+    if isinstance(image, list):
+        raise DataError("several images per sample are not supported; use one image per record")
+    if not isinstance(image, str):
+        raise DataError(f"needs an image ({'/'.join(IMAGE_COLUMNS)}), got {image!r}")
+    task_type = record.get("task_type", "score")
+    if task_type not in ("score", "description"):
+        raise DataError(f"task_type must be 'score' or 'description', got {task_type!r}")
+    raw_score = _pick(record, SCORE_COLUMNS)
+    score = None if raw_score is None else _scaled_score(raw_score, spec.score_range)
+    conversations = record.get("conversations")
+    level_probs = None
+    if task_type == "score":
+        if record.get("level_probs") is not None:
+            level_probs = _check_level_probs(record["level_probs"])
+        elif score is None:
+            raise DataError(f"a score sample needs a score ({'/'.join(SCORE_COLUMNS)}) or level_probs")
+        if conversations is None:
+            if score is None:
+                raise DataError(f"needs a score ({'/'.join(SCORE_COLUMNS)}) to build its conversation")
+            conversations = score_conversation(score, rng.choice(SCORE_QUESTIONS))
+    elif conversations is None:
+        raise DataError("a description sample needs 'conversations'")
+    _check_conversation(conversations, task_type)
+    return Sample(_resolve_image(image, spec.image_folder, data_file), conversations, task_type, level_probs, score)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as error:
+        utf16 = " (it looks like UTF-16, Excel's 'Unicode Text')" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(f"{path} is not UTF-8 text{utf16}: byte {raw[error.start]:#04x} at position {error.start}. "
+                        "Save it as UTF-8 (in Excel: 'CSV UTF-8').") from None
+
+
+def _records(path: Path, fmt: str) -> list[tuple[str, object]]:
+    """(where, record) for every record of a file; `where` is how messages name it."""
+    text = _read_text(path)
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            return [(f"{path} row {reader.line_num}", row) for row in reader]
+        except csv.Error as error:
+            raise DataError(f"{path} near line {reader.line_num + 1}: not a CSV row ({error}).") from None
+    if fmt == "jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((f"{path} line {number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} line {number}: not a JSON line ({error}).") from None
+        return records
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error}). Use a JSON list of records, or .jsonl/.csv for tables.") from None
+        raise DataError(f"{path}: not valid JSON ({error}). Use a JSON list of records, or .jsonl/.csv for "
+                        "tables.") from None
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records.")
-    return [_sample_from_record(r, f"{path} record {i}", image_folder, path) for i, r in enumerate(records)]
+        raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}.")
+    return [(f"{path} record {index}", record) for index, record in enumerate(records)]
 
 
-def read_dataset(spec: DatasetSpec, seed: int = 0) -> list[Sample]:
-    """One data file -> samples whose image file exists; rows that cannot be used are counted and warned about."""
+def read_samples(spec: DatasetSpec, seed: int = 0) -> tuple[list[Sample], list[dict]]:
+    """Every usable record of one data file, and the unusable ones as {"record", "image", "error"} (a file that cannot
+    be read at all raises DataError). Image files are not checked here."""
     path = Path(spec.path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check `data` in the training config.")
     fmt = spec.format if spec.format != "auto" else {".csv": "csv", ".jsonl": "jsonl"}.get(path.suffix.lower(), "json")
-    if fmt == "json":
-        samples, problems = read_conversation_json(path, spec.image_folder), []
-    elif fmt in ("csv", "jsonl"):
-        samples, problems = read_score_table(path, spec.image_folder, fmt, seed)
-    else:
+    if fmt not in ("json", "csv", "jsonl"):
         raise DataError(f"unknown data format {spec.format!r}; use auto, json, csv or jsonl.")
+    rng = random.Random(seed)
+    samples, problems = [], []
+    for where, record in _records(path, fmt):
+        try:
+            samples.append(sample_from_record(record, spec, path, rng))
+        except DataError as error:
+            image = _pick(record, IMAGE_COLUMNS) if isinstance(record, dict) else None
+            problems.append({"record": where, "image": image if isinstance(image, str) else None,
+                             "error": f"{where}: {error}"})
+    estimate = [s for s in samples if s.task_type == "score" and s.level_probs is None]
+    if estimate:  # one vectorised fit for the whole file
+        for sample, probs in zip(estimate, score_to_level_probs([s.gt_score for s in estimate]).tolist()):
+            sample.level_probs = probs
+    return samples, problems
+
+
+def read_dataset(spec: DatasetSpec, seed: int = 0) -> list[Sample]:
+    """One training data file -> its samples whose image file exists. Any invalid record refuses the whole file
+    (DataError listing them); missing images are skipped with a warning."""
+    samples, problems = read_samples(spec, seed)
+    if problems:
+        listed = "\n  ".join(p["error"] for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{spec.path}: {len(problems)} of {len(samples) + len(problems)} records cannot be used; fix "
+                        f"or remove them:\n  {listed}{more}")
     present = [s for s in samples if os.path.isfile(s.image)]
     missing = len(samples) - len(present)
     if missing:
         first = next(s.image for s in samples if not os.path.isfile(s.image))
-        problems.append(f"{missing} images not found (e.g. {first}); set image_folder to the folder they are in")
-    for problem in problems:
-        logger.warning("%s: skipped %s", path, problem)
+        logger.warning("%s: skipped %d images not found (e.g. %s); set image_folder to the folder they are in",
+                       spec.path, missing, first)
     return present
 
 

@@ -16,17 +16,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..scorer.levels import hard_label
-from .data import DataError, DatasetSpec, read_dataset
+from .data import DataError, DatasetSpec, read_samples
 
 logger = logging.getLogger(__name__)
 
 
-def read_scored_images(spec: DatasetSpec) -> tuple[list[str], list[float]]:
-    """Image paths and human scores of a score file (reference JSON with gt_score, CSV or JSONL)."""
-    samples = [s for s in read_dataset(spec) if s.task_type == "score" and s.gt_score is not None]
-    if not samples:
-        raise DataError(f"{spec.path}: no score samples with a human score (gt_score / score column).")
-    return [s.image for s in samples], [s.gt_score for s in samples]
+def read_scored_images(spec: DatasetSpec) -> tuple[list[str], list[float], list[dict]]:
+    """(image paths, human scores, unusable records as {"image", "error"}) of a score file: a JSON list of
+    {"image", "gt_score"} (conversations optional), CSV or JSONL. Description records are left out."""
+    samples, problems = read_samples(spec)
+    scored = [s for s in samples if s.task_type == "score" and s.gt_score is not None]
+    if not scored and not problems:
+        raise DataError(f"{spec.path}: no records with a human score (gt_score / score column).")
+    failed = [{"image": p["image"], "error": p["error"]} for p in problems]
+    return [s.image for s in scored], [s.gt_score for s in scored], failed
 
 
 def logistic_4(x, beta1, beta2, beta3, beta4):
@@ -50,39 +53,74 @@ def fit_logistic(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return logistic_4(predicted, *params)
 
 
-def score_metrics(predicted, truth) -> dict[str, float]:
-    """[N] predicted and human scores -> srcc, plcc, plcc_logistic, krcc, mae, mse, level_accuracy, n."""
+CORRELATIONS = ("srcc", "plcc", "plcc_logistic", "krcc")
+
+
+def score_metrics(predicted, truth) -> dict:
+    """[N] predicted and human scores -> n, srcc, plcc, plcc_logistic, krcc, mae, mse, level_accuracy.
+
+    A metric that is undefined for these scores (correlations of fewer than 3 images or of constant scores,
+    anything of no image) is None, and `undefined` says why; a complete result has `undefined` None."""
     from scipy.stats import kendalltau, pearsonr, spearmanr
 
     predicted, truth = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    if len(predicted) < 3:
-        raise ValueError(f"need at least 3 scored images for correlations, got {len(predicted)}.")
-    constant = predicted.std() == 0 or truth.std() == 0
-    return {
-        "n": int(len(predicted)),
-        "srcc": math.nan if constant else float(spearmanr(predicted, truth)[0]),
-        "plcc": math.nan if constant else float(pearsonr(predicted, truth)[0]),
-        "plcc_logistic": math.nan if constant else float(pearsonr(fit_logistic(predicted, truth), truth)[0]),
-        "krcc": math.nan if constant else float(kendalltau(predicted, truth)[0]),
-        "mae": float(np.abs(predicted - truth).mean()),
-        "mse": float(((predicted - truth) ** 2).mean()),
+    n = len(predicted)
+    metrics = {"n": n, **dict.fromkeys(CORRELATIONS), "mae": None, "mse": None, "level_accuracy": None,
+               "undefined": None}
+    if n == 0:
+        metrics["undefined"] = "no image was scored"
+        return metrics
+    metrics.update(
+        mae=float(np.abs(predicted - truth).mean()),
+        mse=float(((predicted - truth) ** 2).mean()),
         # The level word each score maps to under the training thresholds, predicted vs human.
-        "level_accuracy": float(np.mean([hard_label(p) == hard_label(t) for p, t in zip(predicted, truth)])),
-    }
+        level_accuracy=float(np.mean([hard_label(p) == hard_label(t) for p, t in zip(predicted, truth)])),
+    )
+    if n < 3:
+        metrics["undefined"] = f"correlations need at least 3 scored images, got {n}"
+    elif truth.std() == 0 or predicted.std() == 0:
+        equal = "human" if truth.std() == 0 else "predicted"
+        metrics["undefined"] = f"correlations are undefined: all {equal} scores are equal"
+    else:
+        metrics.update(
+            srcc=float(spearmanr(predicted, truth)[0]),
+            plcc=float(pearsonr(predicted, truth)[0]),
+            plcc_logistic=float(pearsonr(fit_logistic(predicted, truth), truth)[0]),
+            krcc=float(kendalltau(predicted, truth)[0]),
+        )
+    return metrics
 
 
 def evaluate_scorer(scorer, images: list[str], scores: list[float], batch_size: int = 8, progress: bool = True) -> dict:
     """Scores `images` and compares them with `scores`. Unreadable images are left out and listed in the report."""
     with tqdm(total=len(images), desc="eval", disable=not progress) as bar:
         results = scorer.score(images, batch_size=batch_size, progress=bar.update)
-    kept = [(r, t) for r, t in zip(results, scores) if r.ok]
-    predicted = [r.score for r, _ in kept]
-    truth = [t for _, t in kept]
+    usable = [r.ok and math.isfinite(r.score) for r in results]  # a NaN score is a failure, whoever reports it
+    kept = [(r, t) for r, t, ok in zip(results, scores, usable) if ok]
     return {
-        "metrics": score_metrics(predicted, truth),
-        "failed": [{"image": r.source, "error": r.error} for r in results if not r.ok],
-        "predictions": [{"image": r.source, "score": r.score, "std": r.std, "gt_score": t} for r, t in kept],
+        "metrics": score_metrics([r.score for r, _ in kept], [t for _, t in kept]),
+        "failed": [{"image": str(r.source), "error": r.error or f"the model gave the score {r.score}"}
+                   for r, ok in zip(results, usable) if not ok],
+        "predictions": [{"image": str(r.source), "score": r.score, "std": r.std, "gt_score": t} for r, t in kept],
     }
+
+
+def write_report(report: dict, path: Path) -> Path:
+    """report.json, strict JSON: a NaN or infinity anywhere becomes null."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(finite(report), indent=2, allow_nan=False))
+    partial.replace(path)
+    return path
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:
@@ -95,12 +133,14 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     predicted = [p["score"] for p in report["predictions"]]
     truth = [p["gt_score"] for p in report["predictions"]]
     metrics = report["metrics"]
+    if not predicted:
+        return []
     figure, axes = plt.subplots(figsize=(5, 5))
     axes.scatter(truth, predicted, s=8, alpha=0.6)
     low, high = min(truth + predicted), max(truth + predicted)
     axes.plot([low, high], [low, high], color="grey", linewidth=1)
     axes.set(xlabel="human score", ylabel="predicted score",
-             title=f"SRCC {metrics['srcc']:.3f}  PLCC {metrics['plcc']:.3f}  (n={metrics['n']})")
+             title=f"SRCC {_shown(metrics['srcc'])}  PLCC {_shown(metrics['plcc'])}  (n={metrics['n']})")
     figure.tight_layout()
     figure.savefig(out / "scatter.png", dpi=120)
     plt.close(figure)
@@ -114,6 +154,10 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     figure.savefig(out / "histogram.png", dpi=120)
     plt.close(figure)
     return [out / "scatter.png", out / "histogram.png"]
+
+
+def _shown(metric: float | None) -> str:
+    return "n/a" if metric is None else f"{metric:.3f}"
 
 
 def scorer_for_network(network, checkpoint, device, preset: str = "artquant"):
@@ -138,25 +182,43 @@ def run_evaluation(
     device: str | None = None,
     dtype: str | None = None,
     plots: bool = True,
+    score_range: tuple[float, float] | None = None,
 ) -> int:
     """`artquant eval`: writes report.json (metrics, failures, per-image predictions) and the plots into `out`.
-    Returns 0, or 2 when the data cannot be used (the message is printed)."""
+
+    Returns 0; 1 when the report is written but some image or record failed or a metric is undefined (the report
+    says which and why); 2 when the data file or `out` cannot be used at all (the message is printed)."""
     from ..scorer.scoring import ArtQuantScorer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    folder = Path(out)
     try:
-        images, scores = read_scored_images(DatasetSpec(path=data, image_folder=image_folder))
+        if score_range is not None and not score_range[0] < score_range[1]:
+            raise DataError(f"--score-range needs LOW < HIGH, got {score_range[0]:g} {score_range[1]:g}.")
+        images, scores, unusable = read_scored_images(
+            DatasetSpec(path=data, image_folder=image_folder, score_range=score_range))
     except DataError as error:
         logger.error("%s", error)
         return 2
+    try:  # before the model loads: a bad --out must not cost a scoring run
+        folder.mkdir(parents=True, exist_ok=True)
+        write_report({"model": str(model), "data": str(data), "status": "scoring"}, folder / "report.json")
+    except OSError as error:
+        logger.error("cannot write the report into %s (%s); choose another --out folder.", folder,
+                     error.strerror or error)
+        return 2
     scorer = ArtQuantScorer.from_pretrained(model, base=base, preset=preset, device=device, dtype=dtype)
-    report = evaluate_scorer(scorer, images, scores, batch_size=batch_size)
+    report = evaluate_scorer(scorer, images, scores, batch_size=batch_size) if images else {
+        "metrics": score_metrics([], []), "failed": [], "predictions": []}
+    report["failed"] = unusable + report["failed"]
     report["model"], report["data"] = str(model), str(data)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(report, folder / "report.json")
     if plots:
         write_plots(report, folder)
     print(json.dumps(report["metrics"], indent=2))
+    for failure in report["failed"]:
+        logger.warning("not evaluated: %s: %s", failure["image"], failure["error"])
+    if report["metrics"]["undefined"]:
+        logger.warning("%s", report["metrics"]["undefined"])
     print(f"Report written to {folder / 'report.json'}")
-    return 0
+    return 1 if report["failed"] or report["metrics"]["undefined"] else 0

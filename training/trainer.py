@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -20,16 +19,20 @@ from tqdm.auto import tqdm
 
 from ..scorer.checkpoint import NON_LORA_WEIGHTS, load_checkpoint, resolve_device_and_dtype, save_processing_files
 from ..scorer.levels import ARTQUANT_LEVELS
+from .checkpoints import ResumeError, latest_checkpoint, restore_training_checkpoint, save_training_checkpoint
 from .config import ConfigError, TrainingConfig, load_config
 from .data import ANSWER_PREFIX, ConversationDataset, DataError, SplitByTask, mix_datasets
+from .evaluate import evaluate_scorer, read_scored_images, scorer_for_network, write_report
 from .loss import ArtQuantLoss
 
 logger = logging.getLogger(__name__)
 
 NON_LORA_SAFETENSORS, REFERENCE_NON_LORA = NON_LORA_WEIGHTS  # ours, and the reference's pickle
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.json"
 PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's own parameter names
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss, the gradient norm or a weight became NaN or infinite; the run stops without using it."""
 
 
 class SeededShuffle(torch.utils.data.Sampler):
@@ -89,51 +92,24 @@ def save_release(network, checkpoint, out: str | Path, lora: bool, reference_lay
     preprocessor; a full checkpoint when trained without LoRA. `reference_layout` adds the reference's
     `non_lora_trainables.bin` (keys `base_model.model.*`). `state_dict`: gathered weights (ZeRO-3 / FSDP)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else network.state_dict()
+    trained = [name for name, p in network.named_parameters() if p.requires_grad]
+    broken = [name for name in trained if name in state and not bool(torch.isfinite(state[name]).all())]
+    if broken:
+        raise NonFiniteLoss(f"not writing a release to {out}: {len(broken)} trained weights hold NaN or infinity "
+                            f"(e.g. {broken[0]}).")
+    out.mkdir(parents=True, exist_ok=True)
     network.save_pretrained(out, state_dict=state)  # LoRA: adapter_config.json + adapter_model.safetensors
     if lora:
         network.get_base_model().config.save_pretrained(out)
-        trained = [name for name, p in network.named_parameters() if p.requires_grad and "lora_" not in name]
-        non_lora = {name.removeprefix(PEFT_PREFIX): state[name].detach().contiguous().cpu() for name in trained}
+        non_lora = {name.removeprefix(PEFT_PREFIX): state[name].detach().contiguous().cpu()
+                    for name in trained if "lora_" not in name}
         if non_lora:
             save_file(non_lora, str(out / NON_LORA_SAFETENSORS))
             if reference_layout:
                 torch.save({PEFT_PREFIX + k: v.clone() for k, v in non_lora.items()}, out / REFERENCE_NON_LORA)
     save_processing_files(checkpoint, out)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints (resume at the same step with the same data order)
-# ----------------------------------------------------------------------------------------------------------------
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    folders = [p for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if (p / TRAINER_STATE).is_file()]
-    return max(folders, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
-
-
-def _keep_only_trainable(model, accelerator):
-    """accelerate save-state hook: store the trained weights only (a 7B base stays where it came from)."""
-
-    def hook(models, weights, output_dir):
-        trainable = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        for state in weights:
-            for key in [k for k in state if k not in trainable]:
-                del state[key]
-
-    return hook
-
-
-def save_training_state(accelerator, output_dir: Path, step: int, limit: int) -> None:
-    folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        (folder / TRAINER_STATE).write_text(json.dumps({"global_step": step}))
-        older = sorted((p for p in output_dir.glob(CHECKPOINT_PREFIX + "*") if p != folder),
-                       key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-        for stale in older[: max(0, len(older) - (limit - 1))] if limit > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +121,7 @@ class RunningTerms:
     def __init__(self):
         self.sums, self.count, self.samples, self.start = {}, 0, 0, time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+    def add(self, terms: dict[str, float], samples: int) -> None:
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.count += 1
@@ -175,6 +151,9 @@ def train(config: TrainingConfig) -> Path:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
+    # Data first: a bad file is refused in seconds, before a 7B model is loaded.
+    samples = mix_datasets(config.data, config.seed)
+    eval_set = read_scored_images(config.eval_data) if config.eval_data is not None and config.eval_steps else None
     accelerator, tracking = _accelerator(config)
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
@@ -182,7 +161,6 @@ def train(config: TrainingConfig) -> Path:
     network, checkpoint = build_network(config, dtype)
     tokenizer = checkpoint.tokenizer
 
-    samples = mix_datasets(config.data, config.seed)
     dataset = ConversationDataset(samples, tokenizer, checkpoint.image_config, config.max_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=SeededShuffle(len(dataset), config.seed),
@@ -200,23 +178,30 @@ def train(config: TrainingConfig) -> Path:
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step on every process
-    accelerator.register_save_state_pre_hook(_keep_only_trainable(model, accelerator))
+    # Our own checkpoints (training/checkpoints.py) hold full tensors: with DeepSpeed or FSDP the optimizer's state
+    # is sharded in their own (pickled) formats, which a resume must not load.
+    checkpoints = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if not checkpoints and config.save_steps:
+        raise ConfigError("resumable checkpoints are written for one process or DDP; with DeepSpeed or FSDP set "
+                          "save_steps: 0 (the release is still written at the end).")
     accelerator.print(f"{len(dataset)} samples, {accelerator.num_processes} process(es), {steps_per_epoch} steps per "
                       f"epoch, {total_steps} steps.")
 
     output_dir.mkdir(parents=True, exist_ok=True)
     step = 0
-    resume_from = latest_checkpoint(output_dir) if config.resume else None
+    resume_from = latest_checkpoint(output_dir) if config.resume and checkpoints else None
     if resume_from is not None:
-        # Checkpoints hold the trained weights only (see _keep_only_trainable); DeepSpeed loads its own way.
-        partial = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
-        accelerator.load_state(str(resume_from), **partial)
-        step = json.loads((resume_from / TRAINER_STATE).read_text())["global_step"]
+        step = restore_training_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
         accelerator.print(f"Resuming from {resume_from} at step {step}.")
     if tracking:
         accelerator.init_trackers("artquant", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
-    evaluation = _evaluation_hook(config, checkpoint, accelerator, model)
+    evaluation = _evaluation_hook(config, eval_set, checkpoint, accelerator, model)
+
+    def save_resumable(step: int) -> None:
+        broken = next((n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
+                      None)
+        _stop_if_any_process(accelerator, broken and f"the trained weight {broken} holds NaN or infinity.")
+        save_training_checkpoint(accelerator, model, optimizer, scheduler, output_dir, step, config.save_total_limit)
 
     running, skipped = RunningTerms(), 0
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
@@ -229,7 +214,15 @@ def train(config: TrainingConfig) -> Path:
             group.append(batch)
             if len(group) < config.gradient_accumulation_steps and index + 1 < len(loader):
                 continue
-            skipped += _optimizer_step(accelerator, model, optimizer, scheduler, group, config, running)
+            try:
+                skipped += _optimizer_step(accelerator, model, optimizer, scheduler, group, config, running)
+                if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
+                    save_resumable(step + 1)
+            except NonFiniteLoss as error:
+                kept = latest_checkpoint(output_dir)
+                raise NonFiniteLoss(f"stopped at step {step + 1}: {error} The weights were not updated and no release "
+                                    f"was written; the last good checkpoint is {kept or 'none (no checkpoint yet)'}. "
+                                    "Lower learning_rate, use precision fp32 or bf16, or check the data.") from None
             group = []
             step += 1
             progress.update(1)
@@ -244,14 +237,17 @@ def train(config: TrainingConfig) -> Path:
                     logger.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in logs.items()}))
             if config.eval_steps and step % config.eval_steps == 0:
                 evaluation(step)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_training_state(accelerator, output_dir, step, config.save_total_limit)
             if step >= total_steps:
                 break
     progress.close()
     if skipped:
         logger.warning("%d samples were skipped because their images could not be read.", skipped)
-    save_training_state(accelerator, output_dir, step, config.save_total_limit)
+    if checkpoints:
+        try:
+            save_resumable(step)
+        except NonFiniteLoss as error:
+            raise NonFiniteLoss(f"stopped at the end: {error} No release was written; the last good checkpoint is "
+                                f"{latest_checkpoint(output_dir)}.") from None
     release = output_dir / "release"
     state = accelerator.get_state_dict(model)  # every process takes part: ZeRO-3 / FSDP gather the shards here
     if accelerator.is_main_process:
@@ -280,7 +276,7 @@ def _across_processes(accelerator, logs: dict[str, float]) -> dict[str, float]:
 
 def _optimizer_step(accelerator, model, optimizer, scheduler, group, config, running) -> int:
     """Forward/backward over the micro-batches of one optimizer step; returns how many samples were skipped."""
-    skipped = 0
+    skipped, non_finite = 0, {}
     usable = [b for b in group if b["num_samples"]]
     for batch in group:
         for message in batch["skipped"]:
@@ -291,23 +287,38 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, group, config, run
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             terms = model(score=batch["score"], description=batch["description"])
             accelerator.backward(terms["loss"] / len(usable))
-        running.add({k: v.detach() for k, v in terms.items()}, batch["num_samples"])
+        terms = {k: float(v.detach()) for k, v in terms.items()}
+        if not math.isfinite(terms["loss"]):
+            non_finite = terms
+        running.add(terms, batch["num_samples"])
+    _stop_if_any_process(accelerator, non_finite and f"the loss is {non_finite['loss']} ({json.dumps(non_finite)}).")
     if usable:
         if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            # With fp16 an infinite norm is the grad scaler's business: it skips the step and lowers its scale.
+            if accelerator.scaler is None:
+                _stop_if_any_process(accelerator, not math.isfinite(norm) and f"the gradient norm is {norm}.")
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return skipped
 
 
-def _evaluation_hook(config: TrainingConfig, checkpoint, accelerator, model):
-    """A callable(step) that scores the held-out file with the current weights and logs the metrics."""
-    if config.eval_data is None or not config.eval_steps:
-        return lambda step: None
-    from .evaluate import evaluate_scorer, read_scored_images, scorer_for_network
+def _stop_if_any_process(accelerator, problem: str | bool | None) -> None:
+    """Raises NonFiniteLoss on every process when any process has a `problem` (every process must call this)."""
+    if accelerator.num_processes > 1:
+        stop = accelerator.reduce(torch.tensor(float(bool(problem)), device=accelerator.device), reduction="sum")
+        if float(stop) and not problem:
+            problem = "another process got a NaN or infinite loss."
+    if problem:
+        raise NonFiniteLoss(problem)
 
-    images, scores = read_scored_images(config.eval_data)
+
+def _evaluation_hook(config: TrainingConfig, eval_set, checkpoint, accelerator, model):
+    """A callable(step) that scores the held-out images with the current weights and logs the metrics."""
+    if eval_set is None:
+        return lambda step: None
+    images, scores, unusable = eval_set
 
     def run(step: int) -> None:
         if not accelerator.is_main_process:
@@ -321,9 +332,10 @@ def _evaluation_hook(config: TrainingConfig, checkpoint, accelerator, model):
         metrics = {f"eval/{k}": v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
         accelerator.log(metrics, step=step)
         logger.info("eval at step %d: %s", step, json.dumps(report["metrics"]))
+        report["failed"] = unusable + report["failed"]
         folder = Path(config.output_dir) / "eval" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        write_report(report, folder / "report.json")
 
     return run
 
@@ -334,7 +346,10 @@ def run_training(config_path: str | None, overrides: list[str] = ()) -> int:
     try:
         config = load_config(config_path, list(overrides))
         train(config)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, ResumeError) as error:
         logger.error("%s", error)
         return 2
+    except NonFiniteLoss as error:
+        logger.error("%s", error)
+        return 1
     return 0
