@@ -17,5 +17,6 @@ run() {  # name, command...: keeps going after a failure so one broken script do
 run gpu_score python benchmarks/gpu_score.py --out "$out/gpu_score.json"
 run prefix_cache python benchmarks/bench_prefix_cache.py --device cuda
 run gpu_reward python benchmarks/gpu_reward.py
+run gpu_guidance python benchmarks/gpu_guidance.py
 run gpu_train python benchmarks/gpu_train.py
 exit $status

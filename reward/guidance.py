@@ -267,6 +267,11 @@ class RewardGuidance:
             self._latent_grid = (int(generated[:, 1].max()) + 1, int(generated[:, 2].max()) + 1)
 
     def _nudged_output(self, pipe, model_output, sample, level: NoiseLevel, loop_step: int, timestep) -> torch.Tensor:
+        if sample.ndim not in (3, 4):
+            raise ValueError(
+                f"reward guidance rates images; {type(pipe).__name__} steps {sample.ndim}-D latents "
+                f"{tuple(sample.shape)} (video?), which its decoder does not turn into [B, 3, H, W] images."
+            )
         a, b = level.x0_coefficients()
         if b == 0:
             return model_output  # noise-free step: x0 does not depend on the model output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import io
 import time
 from types import SimpleNamespace
 
@@ -231,6 +232,11 @@ def _bad_batch(kind: str, good: torch.Tensor):
     if kind == "PIL mode that cannot convert":
         pils[1] = Image.new("La", (24, 24))  # PIL has no conversion from La to RGB
         return pils
+    if kind == "PNG that fails on load()":
+        buffer = io.BytesIO()
+        pils[1].save(buffer, format="PNG")
+        pils[1] = Image.open(io.BytesIO(buffer.getvalue()[:60]))  # opens lazily from the header; pixels cut off
+        return pils
     if kind == "object array with a string":
         items = np.empty(4, dtype=object)
         for index, array in enumerate(pixels):
@@ -240,7 +246,14 @@ def _bad_batch(kind: str, good: torch.Tensor):
     raise AssertionError(kind)
 
 
-BAD_IMAGES = ["NaN pixels", "infinite pixels", "closed PIL image", "PIL mode that cannot convert", "object array with a string"]
+BAD_IMAGES = [
+    "NaN pixels",
+    "infinite pixels",
+    "closed PIL image",
+    "PIL mode that cannot convert",
+    "PNG that fails on load()",
+    "object array with a string",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_IMAGES)
@@ -305,6 +318,11 @@ def test_differentiable_keeps_the_others_gradients_when_one_image_is_nan(scorer,
 def test_bad_arguments_raise_clear_errors(scorer, call, message):
     with pytest.raises(ValueError, match=message):
         call(scorer)
+
+
+def test_a_meta_tensor_batch_gives_one_error_per_image(scorer):
+    rewards, info = ArtQuantReward(scorer, errors="fallback")(torch.empty(3, 3, 8, 8, device="meta"))
+    assert rewards.tolist() == [1.0, 1.0, 1.0] and len(info["errors"]) == 3 and all(info["errors"])
 
 
 def test_integer_and_bool_batches_give_one_result_per_image(scorer, images, expected):
