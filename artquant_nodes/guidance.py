@@ -35,11 +35,12 @@ def autograd_usable(*modules: torch.nn.Module):
                                 tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
                             )
                             table[name] = torch.nn.Parameter(alias, requires_grad=False) if table is owner._parameters else alias
-                            swapped.append((table, name, tensor))
+                            swapped.append((table, name, tensor, table[name]))
         yield
     finally:
-        for table, name, tensor in reversed(swapped):
-            table[name] = tensor
+        for table, name, tensor, alias in reversed(swapped):
+            if table.get(name) is alias:  # a weight moved meanwhile (e.g. by ComfyUI) stays where it was moved
+                table[name] = tensor
 
 
 def per_image_rms(x: torch.Tensor) -> torch.Tensor:

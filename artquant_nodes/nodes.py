@@ -6,7 +6,6 @@ Imported only by `comfy_entrypoint`, i.e. inside ComfyUI (this module imports Co
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 from comfy_api.latest import ComfyExtension, io
@@ -17,7 +16,6 @@ import comfy.model_management
 from ..scorer import PRESETS
 from .guidance import RewardGuidance, in_window
 from .model_handle import (
-    MODEL_FOLDER,
     ArtQuantModel,
     folder_fingerprint,
     load_model,
@@ -37,8 +35,6 @@ from .operations import (
     score_images,
     score_report,
 )
-
-log = logging.getLogger("artquant")
 
 CATEGORY = "ArtQuant"
 ArtQuantModelType = io.Custom("ARTQUANT_MODEL")
@@ -318,6 +314,8 @@ class ArtQuantGuidance(io.ComfyNode):
                 raise ValueError(f"ArtQuant Guidance guides image latents [B, C, H, W], got {tuple(denoised.shape)} (video?).")
             base_model = args["model"]
             chunk = guided_chunk(vae, artquant_model, denoised.shape, denoised.device)
+            # Both on their device before the step, so nothing moves their weights while autograd borrows them.
+            comfy.model_management.load_models_gpu([vae.patcher], force_full_load=vae.disable_offload)
             scorer = artquant_model.ready(chunk, keep_graph=True)
             guidance = RewardGuidance(
                 decode=lambda latent: vae.decode(base_model.process_latent_out(latent)).movedim(-1, 1),
@@ -339,4 +337,4 @@ class ArtQuantExtension(ComfyExtension):
         return [ArtQuantLoader, ArtQuantScore, ArtQuantRank, ArtQuantFilter, ArtQuantDescribe, ArtQuantScoreOverlay, ArtQuantGuidance]
 
 
-__all__ = ["ArtQuantExtension", "MODEL_FOLDER", "register_model_folder"]
+__all__ = ["ArtQuantExtension", "register_model_folder"]
