@@ -119,3 +119,19 @@ def test_finetune_script_refuses_a_malformed_pipe_arg(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--pipeline", str(tmp_path), "--prompts", "a cat", "--out", str(tmp_path / "lora"), "--pipe-arg", "oops"])
     assert exit_info.value.code == 2 and "key=value" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_trains_the_same_lora(reward):
+    trained = {}
+    for checkpointing in (False, True):
+        pipe = BUILDERS["sdxl"]()
+        history = draft_finetune(
+            pipe, reward, ["a cat"], steps=2, k=2, batch_size=1, learning_rate=1e-2, num_inference_steps=3,
+            height=SIZE, width=SIZE, gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        assert pipe.unet.is_gradient_checkpointing == checkpointing
+        lora = {name: p.detach().clone() for name, p in pipe.unet.named_parameters() if "lora" in name}
+        trained[checkpointing] = history, lora
+    assert trained[True][0] == pytest.approx(trained[False][0], abs=1e-5)
+    for name, weight in trained[False][1].items():
+        torch.testing.assert_close(trained[True][1][name], weight, atol=1e-5, rtol=1e-4)
