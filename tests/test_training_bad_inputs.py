@@ -402,7 +402,7 @@ def test_eval_always_writes_a_strict_json_report(reference_dir, eval_images, tmp
     assert exit_code == code
     metrics = report["metrics"]
     assert metrics["n"] == n and len(report["predictions"]) == n and len(report["failed"]) == failed
-    assert metrics["undefined"] is None if undefined is None else undefined in metrics["undefined"]
+    assert report["undefined"] is None if undefined is None else undefined in report["undefined"]
     for name in ("srcc", "plcc", "plcc_logistic", "krcc"):
         assert (metrics[name] is None) == (undefined is not None), name
     if n:
@@ -413,7 +413,7 @@ def test_eval_failures_name_the_record_and_the_hint(reference_dir, eval_images, 
     records = [{"image": image, "gt_score": score} for image, score in zip(eval_images, (0, 40, 70, 100))]
     code, report, _ = run_eval(reference_dir, records + [{"image": "x.png", "gt_score": 101}], tmp_path, caplog,
                                "--score-range", "0", "100")
-    assert code == 1 and report["metrics"]["n"] == 4 and report["metrics"]["undefined"] is None
+    assert code == 1 and report["metrics"]["n"] == 4 and report["undefined"] is None
     assert [p["gt_score"] for p in report["predictions"]] == pytest.approx([1.0, 4.6, 7.3, 10.0])
     assert report["failed"] == [{"image": "x.png", "error": f"{tmp_path / 'eval.json'} record 4: score 101 is outside "
                                  "the dataset's score_range 0..100"}]

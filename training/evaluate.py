@@ -56,19 +56,29 @@ def fit_logistic(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 CORRELATIONS = ("srcc", "plcc", "plcc_logistic", "krcc")
 
 
+def why_undefined(predicted, truth) -> str | None:
+    """Why some metrics of these [N] predicted and human scores are undefined (None when every metric is defined)."""
+    predicted, truth = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if len(predicted) == 0:
+        return "no image was scored"
+    if len(predicted) < 3:
+        return f"correlations need at least 3 scored images, got {len(predicted)}"
+    if truth.std() == 0 or predicted.std() == 0:
+        return f"correlations are undefined: all {'human' if truth.std() == 0 else 'predicted'} scores are equal"
+    return None
+
+
 def score_metrics(predicted, truth) -> dict:
     """[N] predicted and human scores -> n, srcc, plcc, plcc_logistic, krcc, mae, mse, level_accuracy.
 
     A metric that is undefined for these scores (correlations of fewer than 3 images or of constant scores,
-    anything of no image) is None, and `undefined` says why; a complete result has `undefined` None."""
+    anything of no image) is None; `why_undefined` says why."""
     from scipy.stats import kendalltau, pearsonr, spearmanr
 
     predicted, truth = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
     n = len(predicted)
-    metrics = {"n": n, **dict.fromkeys(CORRELATIONS), "mae": None, "mse": None, "level_accuracy": None,
-               "undefined": None}
+    metrics = {"n": n, **dict.fromkeys(CORRELATIONS), "mae": None, "mse": None, "level_accuracy": None}
     if n == 0:
-        metrics["undefined"] = "no image was scored"
         return metrics
     metrics.update(
         mae=float(np.abs(predicted - truth).mean()),
@@ -76,12 +86,7 @@ def score_metrics(predicted, truth) -> dict:
         # The level word each score maps to under the training thresholds, predicted vs human.
         level_accuracy=float(np.mean([hard_label(p) == hard_label(t) for p, t in zip(predicted, truth)])),
     )
-    if n < 3:
-        metrics["undefined"] = f"correlations need at least 3 scored images, got {n}"
-    elif truth.std() == 0 or predicted.std() == 0:
-        equal = "human" if truth.std() == 0 else "predicted"
-        metrics["undefined"] = f"correlations are undefined: all {equal} scores are equal"
-    else:
+    if why_undefined(predicted, truth) is None:
         metrics.update(
             srcc=float(spearmanr(predicted, truth)[0]),
             plcc=float(pearsonr(predicted, truth)[0]),
@@ -92,13 +97,18 @@ def score_metrics(predicted, truth) -> dict:
 
 
 def evaluate_scorer(scorer, images: list[str], scores: list[float], batch_size: int = 8, progress: bool = True) -> dict:
-    """Scores `images` and compares them with `scores`. Unreadable images are left out and listed in the report."""
-    with tqdm(total=len(images), desc="eval", disable=not progress) as bar:
-        results = scorer.score(images, batch_size=batch_size, progress=bar.update)
+    """Scores `images` and compares them with `scores` -> {"metrics", "undefined" (why some metrics are None, or
+    None), "failed", "predictions"}. Unreadable images are left out and listed in "failed"."""
+    results = []
+    if images:
+        with tqdm(total=len(images), desc="eval", disable=not progress) as bar:
+            results = scorer.score(images, batch_size=batch_size, progress=bar.update)
     usable = [r.ok and math.isfinite(r.score) for r in results]  # a NaN score is a failure, whoever reports it
     kept = [(r, t) for r, t, ok in zip(results, scores, usable) if ok]
+    predicted, truth = [r.score for r, _ in kept], [t for _, t in kept]
     return {
-        "metrics": score_metrics([r.score for r, _ in kept], [t for _, t in kept]),
+        "metrics": score_metrics(predicted, truth),
+        "undefined": why_undefined(predicted, truth),
         "failed": [{"image": str(r.source), "error": r.error or f"the model gave the score {r.score}"}
                    for r, ok in zip(results, usable) if not ok],
         "predictions": [{"image": str(r.source), "score": r.score, "std": r.std, "gt_score": t} for r, t in kept],
@@ -208,8 +218,7 @@ def run_evaluation(
                      error.strerror or error)
         return 2
     scorer = ArtQuantScorer.from_pretrained(model, base=base, preset=preset, device=device, dtype=dtype)
-    report = evaluate_scorer(scorer, images, scores, batch_size=batch_size) if images else {
-        "metrics": score_metrics([], []), "failed": [], "predictions": []}
+    report = evaluate_scorer(scorer, images, scores, batch_size=batch_size)
     report["failed"] = unusable + report["failed"]
     report["model"], report["data"] = str(model), str(data)
     write_report(report, folder / "report.json")
@@ -218,7 +227,7 @@ def run_evaluation(
     print(json.dumps(report["metrics"], indent=2))
     for failure in report["failed"]:
         logger.warning("not evaluated: %s: %s", failure["image"], failure["error"])
-    if report["metrics"]["undefined"]:
-        logger.warning("%s", report["metrics"]["undefined"])
+    if report["undefined"]:
+        logger.warning("%s", report["undefined"])
     print(f"Report written to {folder / 'report.json'}")
-    return 1 if report["failed"] or report["metrics"]["undefined"] else 0
+    return 1 if report["failed"] or report["undefined"] else 0
