@@ -8,7 +8,8 @@ written once. Each measurement is a fresh Python process, so imports count; the 
   with the same architecture class), `.to(device)`, then the reference's way to score: CLIPImageProcessor on
   the PIL image, forward pass with the LM head at every position.
 
-Peak RAM is the process's maximum resident set (`ru_maxrss`, which counts the memory-mapped weight pages it
+Wall and CPU seconds (`time.process_time`, all threads) per phase: on a shared machine the CPU time is the
+steadier figure. Peak RAM is the process's maximum resident set (`ru_maxrss`, which counts the memory-mapped weight pages it
 touched). The files are read once before the runs, so both paths find them in the page cache.
 
     python benchmarks/bench_load.py --folder /tmp/quarter-mplug-owl2 --repeats 2
@@ -37,13 +38,13 @@ def peak_rss_gib() -> float:
 
 def child(path: str, folder: str, image: str, device: str, dtype_name: str) -> dict:
     """One load-to-first-score in this (fresh) process."""
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if path == "artquant":
         from artquant import ArtQuantScorer
 
-        imported = time.perf_counter()
+        imported, imported_cpu = time.perf_counter(), time.process_time()
         scorer = ArtQuantScorer.from_pretrained(folder, device=device, dtype=dtype_name)
-        loaded = time.perf_counter()
+        loaded, loaded_cpu = time.perf_counter(), time.process_time()
         score = scorer.score([image], workers=1)[0].score
     else:
         import torch
@@ -54,20 +55,22 @@ def child(path: str, folder: str, image: str, device: str, dtype_name: str) -> d
         from bench_score import expand2square
         from gpu_common import ARTQUANT_PROMPT_IDS, LEVEL_IDS
 
-        imported = time.perf_counter()
+        imported, imported_cpu = time.perf_counter(), time.process_time()
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         model = MPLUGOwl2LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         processor = CLIPImageProcessorPil.from_pretrained(folder)
-        loaded = time.perf_counter()
+        loaded, loaded_cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             picture = expand2square(Image.open(image).convert("RGB"), tuple(int(m * 255) for m in processor.image_mean))
             pixel_values = processor(picture, return_tensors="pt")["pixel_values"].to(device, dtype)
             logits = model(input_ids=torch.tensor([ARTQUANT_PROMPT_IDS], device=device), pixel_values=pixel_values).logits
             probs = torch.softmax(logits[0, -1, list(LEVEL_IDS.values())].float(), -1)
             score = float(probs @ torch.tensor([10, 7.5, 5, 3.5, 1.0], device=probs.device))
-    done = time.perf_counter()
+    done, done_cpu = time.perf_counter(), time.process_time()
     return {"import_s": imported - start, "load_s": loaded - imported, "first_score_s": done - loaded,
-            "total_s": done - start, "peak_rss_gib": peak_rss_gib(), "score": score}
+            "total_s": done - start, "import_cpu_s": imported_cpu - start_cpu, "load_cpu_s": loaded_cpu - imported_cpu,
+            "first_score_cpu_s": done_cpu - loaded_cpu, "total_cpu_s": done_cpu - start_cpu,
+            "peak_rss_gib": peak_rss_gib(), "score": score}
 
 
 def make_checkpoint(folder: Path, tiny: bool, reference: Path) -> None:
@@ -93,11 +96,13 @@ def main() -> None:
     parser.add_argument("--reference", default=os.environ.get("ARTQUANT_REFERENCE", DEFAULT_REFERENCE))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each run (default 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the dtype both paths load into")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "FOLDER", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported by the measured code
         print(json.dumps(child(*args.child, args.device, args.dtype)))
         return
 
@@ -113,7 +118,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for path in runs:
             command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype,
-                       "--child", path, str(folder), image]
+                       "--threads", str(args.threads), "--child", path, str(folder), image]
             output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=HERE).stdout
             runs[path].append(json.loads(output.strip().splitlines()[-1]))
     report = {
@@ -125,7 +130,7 @@ def main() -> None:
         report[path] = {key: statistics.median(r[key] for r in results) for key in results[0] if key != "score"}
         report[path]["score"] = results[0]["score"]
     report["ratio_plain_over_artquant"] = {
-        key: report["plain transformers"][key] / report["artquant"][key] for key in ("import_s", "load_s", "first_score_s", "total_s", "peak_rss_gib")
+        key: report["plain transformers"][key] / report["artquant"][key] for key in report["artquant"] if key != "score"
     }
     print(json.dumps(report, indent=2))
 
