@@ -195,6 +195,8 @@ def _read_eval_report(path: Path) -> ScoreTable:
         raise ReportInputError(f"{path}: not an `artquant eval` report.json ({bad}).") from bad
     table = table_from_records(predictions + failed, str(path), Path.cwd())
     table.metrics = report.get("metrics") if isinstance(report.get("metrics"), dict) else None
+    if report.get("undefined"):  # eval's reason for the metrics it left null
+        table.warnings.append(f"Metrics shown as n/a: {report['undefined']}.")
     table.title = f"Evaluation of {report.get('model', '?')} on {report.get('data', '?')}"
     return table
 

@@ -148,7 +148,8 @@ def test_eval_folder_shows_metrics_and_scatter(reference_dir, tmp_path):
     ]
     report = {"metrics": {"n": 4, "srcc": 1.0, "plcc": 0.9876, "plcc_logistic": math.nan, "krcc": None, "mae": 0.625},
               "failed": [{"image": str(images / "chelsea.png"), "error": "OSError: truncated"}],
-              "predictions": predictions, "model": "release", "data": "test.json"}
+              "predictions": predictions, "model": "release", "data": "test.json",
+              "undefined": "correlations are undefined: all human scores are equal"}
     folder = tmp_path / "eval"
     folder.mkdir()
     (folder / "report.json").write_text(json.dumps(report))  # as training/evaluate.py writes it: NaN as NaN
@@ -158,6 +159,7 @@ def test_eval_folder_shows_metrics_and_scatter(reference_dir, tmp_path):
     assert 'data-metric="plcc">0.9876<' in text and 'data-metric="plcc_logistic">n/a<' in text
     assert 'data-metric="krcc">n/a<' in text and 'data-metric="mae">0.6250<' in text
     assert 'data-metric="n">4<' in text
+    assert "Metrics shown as n/a: correlations are undefined: all human scores are equal." in text
     assert len(re.findall(r'<circle class="point"', text)) == 4
     assert data["failures"] == [[str(images / "chelsea.png"), "OSError: truncated"]]
     assert '<option value="human">' in text
