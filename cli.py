@@ -424,10 +424,12 @@ def command_score_ray(args) -> int:
 
     if not args.out or Path(args.out).suffix != ".parquet":
         raise SystemExit("--engine ray writes Parquet: pass --out scores.parquet (a folder of Parquet files).")
+    max_pixels = _apply_pixel_limit(args)
     try:
         summary = score_dataset(
             args.paths, args.out, model=args.model, base=args.base, preset=args.preset, dtype=args.dtype,
             batch_size=args.batch_size, actors=args.actors, image_column=args.image_column, key_column=args.key_column,
+            max_pixels=max_pixels,
         )
     except DatasetSourceError as error:
         print(f"error: {error}", file=sys.stderr)

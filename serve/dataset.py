@@ -8,7 +8,6 @@ run loses at most the batches in flight and no key is written twice.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Iterable
@@ -19,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from PIL import Image, UnidentifiedImageError
 
 from .cluster import start_ray
 
@@ -187,22 +185,23 @@ def _errors(column) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in column]
 
 
-def decode_rows(batch: dict) -> dict:
-    """Encoded bytes -> uint8 [3, H, W] as the reference reads images (`convert("RGB")`); failures become errors."""
-    from ..scorer.images import rgb_from_pil
+def decode_rows(batch: dict, max_pixels: int | None = None) -> dict:
+    """Encoded bytes -> uint8 [3, H, W] as the reference reads images (`convert("RGB")`); failures become errors.
 
+    Decoded by the core's own per-image loader, so an image over `max_pixels` (checked from its header, before any
+    pixel is decoded) or one PIL cannot read gets the same error message as in `artquant score`."""
+    from ..scorer.images import DEFAULT_MAX_PIXELS, _load_one
+
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     images, errors = [], []
     for key, data, error in zip(batch["key"], batch["image"], _errors(batch["error"])):
         array = None
         if error is None:
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    array = rgb_from_pil(image).numpy()
-            except UnidentifiedImageError:
-                error = f"{key}: not an image PIL can read (PNG, JPEG, WebP, ...)."
-            except Exception as failure:  # PIL raises many types for damaged data; the row keeps the message
-                error = f"{key}: the image is damaged or truncated ({failure})."
+            _, loaded = _load_one(data, limit, key)
+            if isinstance(loaded, Exception):
+                error = str(loaded)
+            else:
+                array = loaded.numpy()
         images.append(array if array is not None else PLACEHOLDER)
         errors.append(error)
     column = np.empty(len(images), dtype=object)
@@ -213,10 +212,12 @@ def decode_rows(batch: dict) -> dict:
 class ScoringActor:
     """Holds one scorer (on its GPU, or the CPU) for the actor's lifetime; scores the decoded rows it is given."""
 
-    def __init__(self, scorer_options: dict):
+    def __init__(self, scorer_options: dict, max_pixels: int | None = None):
         from ..scorer import ArtQuantScorer
+        from ..scorer.images import DEFAULT_MAX_PIXELS
 
         self.scorer = ArtQuantScorer.from_pretrained(**scorer_options)
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -227,7 +228,8 @@ class ScoringActor:
         probs = np.full((count, len(names)), np.nan)
         errors = _errors(batch["error"])
         valid = [i for i in range(count) if errors[i] is None]
-        results = self.scorer.score([torch.from_numpy(np.asarray(batch["image"][i])) for i in valid], batch_size=max(len(valid), 1), layout="BCHW")
+        results = self.scorer.score([torch.from_numpy(np.asarray(batch["image"][i])) for i in valid], batch_size=max(len(valid), 1), layout="BCHW",
+                                    max_pixels=self.max_pixels)
         for i, result in zip(valid, results):
             if result.ok:
                 scores[i], stds[i], probs[i] = result.score, result.std, list(result.level_probs.values())
@@ -269,6 +271,7 @@ def score_dataset(
     image_column: str | None = None,
     key_column: str | None = None,
     rows_per_file: int | None = None,
+    max_pixels: int | None = None,
 ) -> dict:
     """Scores every image of `sources` into Parquet files under the folder `out`; returns counts.
 
@@ -278,9 +281,13 @@ def score_dataset(
     `actors`: model actors (default: one per GPU, each holding one; one CPU actor when there is no GPU).
     `rows_per_file`: gather rows into fewer, larger files (default: one file per batch; a kill loses what is
     not yet in a file). A rerun with the same `out` skips the keys already written.
+    `max_pixels`: per-image pixel limit (default: the core's `DEFAULT_MAX_PIXELS`, as `artquant score`); an image
+    over it becomes a row with `error` set, and the others still score.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1.")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError("max_pixels must be at least 1.")
     if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, (list, tuple)):
         sources = [sources]
     out = Path(out)
@@ -299,9 +306,11 @@ def score_dataset(
     scorer_options = {"model": model, "base": base, "preset": preset, "dtype": dtype}
     # Blocks of one batch each: every finished batch is written as its own file, so a kill loses only those in flight.
     rows = rows.repartition(target_num_rows_per_block=batch_size)
-    scored = rows.map_batches(decode_rows, batch_size=batch_size, batch_format="numpy").map_batches(
+    scored = rows.map_batches(
+        decode_rows, batch_size=batch_size, batch_format="numpy", fn_kwargs={"max_pixels": max_pixels}
+    ).map_batches(
         ScoringActor,
-        fn_constructor_args=(scorer_options,),
+        fn_constructor_args=(scorer_options, max_pixels),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors or max(gpus, 1)),

@@ -169,3 +169,39 @@ def test_engine_ray_needs_a_parquet_output(tmp_path):
 
     with pytest.raises(SystemExit, match="--engine ray writes Parquet: pass --out scores.parquet"):
         main(["score", "--engine", "ray", str(tmp_path), "--out", "scores.csv"])
+
+
+def test_max_pixels_refuses_only_the_image_over_it_with_the_core_message(reference_dir, tmp_path):
+    """`--max-pixels` on `--engine ray`: the image over the limit becomes an error row (the message the in-process
+    scorer gives), and the others still score."""
+    from artquant.scorer.images import ImageInputError, _check_pixels
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for name, side in (("a.png", 8), ("b.png", 12), ("big.png", 40)):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB").save(folder / name)
+    out, log = tmp_path / "scores.parquet", tmp_path / "run.log"
+    model = str(reference_dir / "mplug_owl2_base")
+    args = ["score", "--engine", "ray", str(folder), "--out", str(out), "--model", model, "--dtype", "fp32",
+            "--batch-size", "4", "--max-pixels", "1000"]
+    process = start_cli(args, log, ray_free_env())
+    try:
+        wait_for(lambda: process.poll() is not None, 300, "the run to finish", process, None)
+    finally:
+        kill_session(process)
+    assert process.returncode == 1, log.read_text()  # 1: one item failed
+    assert "scored 2 image(s), 1 failed" in log.read_text()
+
+    table = pq.read_table(out).to_pydict()
+    rows = {Path(key).name: i for i, key in enumerate(table["key"])}
+    assert sorted(rows) == ["a.png", "b.png", "big.png"]
+    big = rows["big.png"]
+    with pytest.raises(ImageInputError) as core:
+        _check_pixels(40, 40, 1000, str(folder / "big.png"))
+    assert table["error"][big] == str(core.value) and np.isnan(table["score"][big])
+    for name in ("a.png", "b.png"):
+        i = rows[name]
+        assert table["error"][i] is None and np.isfinite(table["score"][i])
+        total = sum(table[f"p_{n}"][i] for n in ("excellent", "good", "fair", "poor", "bad"))
+        assert abs(total - 1) < 1e-5
