@@ -282,10 +282,11 @@ def iter_image_loaders(
             for converted in _array_images(item, layout, where, max_pixels):
                 yield lambda converted=converted: converted
             continue
-        yield functools.partial(_load_one, item, max_pixels, where)
+        yield functools.partial(load_image_or_error, item, max_pixels, where)
 
 
-def _load_one(item: Any, max_pixels: int, where: str) -> tuple[str | None, torch.Tensor | ImageInputError]:
+def load_image_or_error(item: Any, max_pixels: int, where: str) -> tuple[str | None, torch.Tensor | ImageInputError]:
+    """(source, uint8 [3, H, W]) for one path, bytes or PIL image, or (source, the error that explains why not); never raises."""
     try:
         return _source(item), _one_image(item, max_pixels, where)
     except ImageInputError as error:

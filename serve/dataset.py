@@ -190,14 +190,14 @@ def decode_rows(batch: dict, max_pixels: int | None = None) -> dict:
 
     Decoded by the core's own per-image loader, so an image over `max_pixels` (checked from its header, before any
     pixel is decoded) or one PIL cannot read gets the same error message as in `artquant score`."""
-    from ..scorer.images import DEFAULT_MAX_PIXELS, _load_one
+    from ..scorer.images import DEFAULT_MAX_PIXELS, load_image_or_error
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     images, errors = [], []
     for key, data, error in zip(batch["key"], batch["image"], _errors(batch["error"])):
         array = None
         if error is None:
-            _, loaded = _load_one(data, limit, key)
+            _, loaded = load_image_or_error(data, limit, key)
             if isinstance(loaded, Exception):
                 error = str(loaded)
             else:
