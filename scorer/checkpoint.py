@@ -428,6 +428,39 @@ def save_checkpoint(checkpoint: LoadedCheckpoint, out: str | os.PathLike) -> Non
     save_processing_files(checkpoint, out)
 
 
+def _checkpoint_sources(model: str, base: str | None, default_base: str | None) -> tuple[list[str], Path | None, object, Path | None]:
+    """(the locations files are read from: [model] or [LoRA release, its base], the release's adapter config file,
+    its peft config, its adapter weights); the last three are None for a full checkpoint."""
+    adapter_config = find_file(model, ADAPTER_CONFIG, required=False)
+    if adapter_config is None:
+        if base is not None:
+            raise CheckpointError(f"{model} is a full checkpoint (it has no {ADAPTER_CONFIG}); do not pass a base.")
+        return [model], None, None, None
+    peft_config = _read_adapter_config(adapter_config)
+    base = _lora_base(model, peft_config.base_model_name_or_path, base, default_base)
+    adapter_weights = _first_file([model], *ADAPTER_WEIGHTS)
+    if adapter_weights is None:
+        raise CheckpointError(f"{model} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}: download the "
+                              "whole release.")
+    return [model, base], adapter_config, peft_config, adapter_weights
+
+
+def _model_config(sources: list[str]) -> tuple[Path, MplugOwl2Config]:
+    config_file = _first_file(sources, "config.json") or find_file(sources[-1], "config.json")
+    return config_file, _read_model_config(config_file)
+
+
+def load_image_config(
+    model: str | os.PathLike, base: str | os.PathLike | None = None, default_base: str | None = None
+) -> ImageProcessingConfig:
+    """The preprocessing `load_checkpoint(model, base, default_base)` would use, read from the checkpoint's small
+    files only (config.json, preprocessor_config.json; no weights, no tokenizer): for workers that preprocess images
+    apart from the model. Broken files raise the same `CheckpointError` as `load_checkpoint`."""
+    sources, *_ = _checkpoint_sources(str(model), str(base) if base is not None else None, default_base)
+    _, config = _model_config(sources)
+    return _image_config(_first_file(sources, "preprocessor_config.json"), config)
+
+
 def load_checkpoint(
     model: str | os.PathLike,
     base: str | os.PathLike | None = None,
@@ -447,21 +480,9 @@ def load_checkpoint(
     part is a `CheckpointError` that names the file and says what to do."""
     model, base = str(model), (str(base) if base is not None else None)
     quantization = quantization_config(quantization, dtype)
-    adapter_config = find_file(model, ADAPTER_CONFIG, required=False)
-    if adapter_config is None:
-        if base is not None:
-            raise CheckpointError(f"{model} is a full checkpoint (it has no {ADAPTER_CONFIG}); do not pass a base.")
-        sources = [model]
-    else:
-        peft_config = _read_adapter_config(adapter_config)
-        base = _lora_base(model, peft_config.base_model_name_or_path, base, default_base)
-        adapter_weights = _first_file([model], *ADAPTER_WEIGHTS)
-        if adapter_weights is None:
-            raise CheckpointError(f"{model} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}: download the "
-                                  "whole release.")
-        sources = [model, base]
-    config_file = _first_file(sources, "config.json") or find_file(sources[-1], "config.json")
-    config = _read_model_config(config_file)
+    sources, adapter_config, peft_config, adapter_weights = _checkpoint_sources(model, base, default_base)
+    base = sources[-1] if adapter_config is not None else base
+    config_file, config = _model_config(sources)
     tokenizer = _load_tokenizer(_first_file(sources, "tokenizer.model"), sources, config)
     image_config = _image_config(_first_file(sources, "preprocessor_config.json"), config)
 

@@ -214,6 +214,11 @@ class PixelBatch:
     pixel_values: torch.Tensor | None
 
 
+def preprocessing_failure(source: str | None, error: Exception) -> str:
+    """The error message of an image whose preprocessing raised `error` (e.g. out of memory on one huge image)."""
+    return f"{source or 'image'}: preprocessing failed ({type(error).__name__}: {error})."
+
+
 def default_workers() -> int:
     """Input threads when none are asked for: the CPUs this process may use, at most 8."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -266,9 +271,6 @@ def iter_pixel_batches(
     device = None if device is None else torch.device(device)
     on_cpu = device is None or device.type == "cpu"
 
-    def failure(source: str | None, error: Exception) -> str:
-        return f"{source or 'image'}: preprocessing failed ({type(error).__name__}: {error})."
-
     def prepare(load) -> tuple[str | None, str | None, torch.Tensor | None]:
         """(source, error, pixel_values on the CPU, or the decoded image for a device) of one image."""
         source, image = load()
@@ -279,7 +281,7 @@ def iter_pixel_batches(
                 return source, None, pixel_values_from_images(image[None], config)
             return source, None, image.pin_memory() if device.type == "cuda" else image
         except Exception as error:  # noqa: BLE001 - e.g. out of memory on one huge image: that image fails
-            return source, failure(source, error), None
+            return source, preprocessing_failure(source, error), None
 
     sources: list[str | None] = []
     errors: list[str | None] = []
@@ -289,7 +291,7 @@ def iter_pixel_batches(
             try:
                 tensor = pixel_values_from_images(tensor.to(device, non_blocking=True)[None], config)
             except Exception as failed:  # noqa: BLE001 - as above, on the device
-                error, tensor = failure(source, failed), None
+                error, tensor = preprocessing_failure(source, failed), None
         if error is None:
             ready.append(tensor)
         del tensor

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint, resolve_device_and_dtype, save_checkpoint
+from .checkpoint import LoadedCheckpoint, load_checkpoint, load_image_config, resolve_device_and_dtype, save_checkpoint
 from .images import DEFAULT_MAX_PIXELS
 from .levels import expected_score, score_std
 from .modeling_mplug_owl2 import IMAGE_TOKEN_INDEX, PromptPrefixCache
 from .presets import Preset, get_preset
-from .preprocessing import PixelBatch, iter_pixel_batches, pixel_values_from_images
+from .preprocessing import ImageProcessingConfig, PixelBatch, iter_pixel_batches, pixel_values_from_images
 
 
 @dataclass
@@ -41,6 +41,11 @@ class LevelScores:
     stds: torch.Tensor
     level_probs: torch.Tensor
     open_set_mass: torch.Tensor | None = field(default=None)
+
+
+def _checkpoint_arguments(model, base, preset: Preset) -> tuple:
+    """(model, base, default_base) for `load_checkpoint`: the preset's model (on its base) when none is given."""
+    return model or preset.model_id, base if model is not None else (base or preset.base_id), preset.base_id
 
 
 CPU_BATCH_SIZE = 8  # on a CPU, bigger batches gain little and only hold more memory
@@ -129,9 +134,7 @@ class ArtQuantScorer:
         preset = get_preset(preset)
         device, dtype = resolve_device_and_dtype(device, dtype)
         checkpoint = load_checkpoint(
-            model or preset.model_id,
-            base=base if model is not None else (base or preset.base_id),
-            default_base=preset.base_id,
+            *_checkpoint_arguments(model, base, preset),
             dtype=dtype,
             merge_lora=merge_lora,
             quantization=quantization,
@@ -142,6 +145,14 @@ class ArtQuantScorer:
         if compile:
             checkpoint.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
         return cls(checkpoint, preset, device, dtype)
+
+    @staticmethod
+    def load_image_config(
+        model: str | os.PathLike | None = None, base: str | os.PathLike | None = None, preset: str | Preset = "artquant"
+    ) -> ImageProcessingConfig:
+        """The preprocessing `from_pretrained(model, base, preset)` would use, read without loading the model: for
+        workers that make `pixel_values` (`pixel_values_from_images`) apart from the scorer (`score_pixel_batch`)."""
+        return load_image_config(*_checkpoint_arguments(model, base, get_preset(preset)))
 
     def save_pretrained(self, out: str | os.PathLike) -> None:
         """Writes the (merged) model as a safetensors checkpoint folder that `from_pretrained` loads without peft."""
@@ -268,11 +279,17 @@ class ArtQuantScorer:
         """
         batches = iter_pixel_batches(images, self.image_config, batch_size, layout, max_pixels, self.device, workers)
         for batch in batches:
-            with torch.inference_mode():
-                output = None
-                if batch.pixel_values is not None:
-                    output = self.scores_from_logits(self.level_logits(batch.pixel_values), open_set)
-            yield self._image_scores(batch, output)
+            yield self.score_pixel_batch(batch, open_set)
+
+    def score_pixel_batch(self, batch: PixelBatch, open_set: bool = False) -> list[ImageScore]:
+        """One `ImageScore` per entry of `batch` (from `iter_pixel_batches`, or made elsewhere with
+        `pixel_values_from_images` and this scorer's `image_config`): entries with an error keep it, the others are
+        scored (`level_logits` + `scores_from_logits`), and a non-finite model output becomes an error."""
+        with torch.inference_mode():
+            output = None
+            if batch.pixel_values is not None:
+                output = self.scores_from_logits(self.level_logits(batch.pixel_values), open_set)
+        return self._image_scores(batch, output)
 
     def _image_scores(self, batch: PixelBatch, output: LevelScores | None) -> list[ImageScore]:
         results, row = [], 0

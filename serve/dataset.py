@@ -1,9 +1,9 @@
 """Dataset scoring on Ray Data: image folders, Parquet with image bytes, WebDataset tars, Hugging Face datasets.
 
-Pipeline: sources -> rows (key, encoded image, error) -> decode on CPU tasks -> score on model actors (one per GPU,
-one on the CPU when there is none) -> Parquet files written as batches finish. The output is a folder of Parquet
-files; a rerun reads the keys already there and skips them, and deletes a file a kill left half-written, so a killed
-run loses at most the batches in flight and no key is written twice.
+Pipeline: sources -> rows (key, encoded image, error) -> decode and preprocess to the model's `pixel_values` on CPU
+tasks -> score on model actors (one per GPU, one on the CPU when there is none) -> Parquet files written as batches
+finish. The output is a folder of Parquet files; a rerun reads the keys already there and skips them, and deletes a
+file a kill left half-written, so a killed run loses at most the batches in flight and no key is written twice.
 """
 
 from __future__ import annotations
@@ -175,69 +175,64 @@ def source_rows(plan: dict, done: frozenset = frozenset(), batch_size: int = 16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decode on CPU tasks, score on model actors
+# Decode and preprocess on CPU tasks, score on model actors
 # ----------------------------------------------------------------------------------------------------------------
-PLACEHOLDER = np.zeros((3, 1, 1), np.uint8)  # keeps the column rectangular for rows that failed
-
-
 def _errors(column) -> list[str | None]:
     """A batch's error column as messages or None (an all-null column reaches numpy as NaNs)."""
     return [value if isinstance(value, str) else None for value in column]
 
 
-def decode_rows(batch: dict, max_pixels: int | None = None) -> dict:
-    """Encoded bytes -> uint8 [3, H, W] as the reference reads images (`convert("RGB")`); failures become errors.
+def preprocess_rows(batch: dict, image_config, max_pixels: int | None = None) -> dict:
+    """Encoded bytes -> the model's `pixel_values` (float32 [3, S, S]), on CPU workers; failures become errors.
 
     Decoded by the core's own per-image loader, so an image over `max_pixels` (checked from its header, before any
-    pixel is decoded) or one PIL cannot read gets the same error message as in `artquant score`."""
+    pixel is decoded) or one PIL cannot read gets the same error message as in `artquant score`, and preprocessed by
+    the core's `pixel_values_from_images` with the checkpoint's `image_config`, bit for bit as in `artquant score`.
+    A failed row holds zeros, which keeps the column rectangular; the actors never score it."""
     from ..scorer.images import DEFAULT_MAX_PIXELS, load_image_or_error
+    from ..scorer.preprocessing import pixel_values_from_images, preprocessing_failure
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    images, errors = [], []
-    for key, data, error in zip(batch["key"], batch["image"], _errors(batch["error"])):
-        array = None
-        if error is None:
-            _, loaded = load_image_or_error(data, limit, key)
-            if isinstance(loaded, Exception):
-                error = str(loaded)
-            else:
-                array = loaded.numpy()
-        images.append(array if array is not None else PLACEHOLDER)
-        errors.append(error)
-    column = np.empty(len(images), dtype=object)
-    column[:] = images
-    return {"key": batch["key"], "image": column, "error": np.array(errors, dtype=object)}
+    size = image_config.crop_size
+    pixels = np.zeros((len(batch["key"]), 3, size, size), np.float32)
+    errors = _errors(batch["error"])
+    for i, (key, data) in enumerate(zip(batch["key"], batch["image"])):
+        if errors[i] is not None:
+            continue
+        _, loaded = load_image_or_error(data, limit, key)
+        if isinstance(loaded, Exception):
+            errors[i] = str(loaded)
+            continue
+        try:
+            pixels[i] = pixel_values_from_images(loaded[None], image_config)[0].numpy()
+        except Exception as error:  # noqa: BLE001 - as in the core: whatever breaks on one image stays with it
+            errors[i] = preprocessing_failure(key, error)
+    return {"key": batch["key"], "pixel_values": pixels, "error": np.array(errors, dtype=object)}
 
 
 class ScoringActor:
-    """Holds one scorer (on its GPU, or the CPU) for the actor's lifetime; scores the decoded rows it is given."""
+    """Holds one scorer (on its GPU, or the CPU) for the actor's lifetime; scores the `pixel_values` it is given."""
 
-    def __init__(self, scorer_options: dict, max_pixels: int | None = None):
+    def __init__(self, scorer_options: dict):
         from ..scorer import ArtQuantScorer
-        from ..scorer.images import DEFAULT_MAX_PIXELS
 
         self.scorer = ArtQuantScorer.from_pretrained(**scorer_options)
-        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        from ..scorer.preprocessing import PixelBatch
+
+        keys, errors = [str(key) for key in batch["key"]], _errors(batch["error"])
+        valid = [i for i, error in enumerate(errors) if error is None]
+        pixel_values = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"][valid])) if valid else None
+        # The core's own batch scoring: errors kept per row, a non-finite output an error row, never a score.
+        results = self.scorer.score_pixel_batch(PixelBatch(keys, errors, pixel_values))
         names = self.scorer.preset.level_names
-        count = len(batch["key"])
-        scores, stds = np.full(count, np.nan), np.full(count, np.nan)
-        probs = np.full((count, len(names)), np.nan)
-        errors = _errors(batch["error"])
-        valid = [i for i in range(count) if errors[i] is None]
-        results = self.scorer.score([torch.from_numpy(np.asarray(batch["image"][i])) for i in valid], batch_size=max(len(valid), 1), layout="BCHW",
-                                    max_pixels=self.max_pixels)
-        for i, result in zip(valid, results):
-            if result.ok:
-                scores[i], stds[i], probs[i] = result.score, result.std, list(result.level_probs.values())
-            else:
-                errors[i] = f"{batch['key'][i]}: {result.error}"
-        columns = {"key": pa.array(list(batch["key"]), pa.string()), "score": scores, "std": stds}
-        columns.update({f"p_{name}": probs[:, j] for j, name in enumerate(names)})
-        columns["error"] = pa.array(errors, pa.string())  # typed, so a file of only successes still reads with the rest
+        columns = {"key": pa.array(keys, pa.string()), "score": np.array([r.score for r in results], np.float64),
+                   "std": np.array([r.std for r in results], np.float64)}
+        columns.update({f"p_{name}": np.array([r.level_probs[name] for r in results], np.float64) for name in names})
+        columns["error"] = pa.array([r.error for r in results], pa.string())  # typed: a file of only successes reads with the rest
         return pa.table(columns)
 
 
@@ -304,13 +299,17 @@ def score_dataset(
         return summary
     gpus = int(ray.cluster_resources().get("GPU", 0))
     scorer_options = {"model": model, "base": base, "preset": preset, "dtype": dtype}
+    from ..scorer import ArtQuantScorer  # the checkpoint's preprocessing, read here without loading the model
+
+    image_config = ArtQuantScorer.load_image_config(model, base, preset)
     # Blocks of one batch each: every finished batch is written as its own file, so a kill loses only those in flight.
     rows = rows.repartition(target_num_rows_per_block=batch_size)
     scored = rows.map_batches(
-        decode_rows, batch_size=batch_size, batch_format="numpy", fn_kwargs={"max_pixels": max_pixels}
+        preprocess_rows, batch_size=batch_size, batch_format="numpy",
+        fn_kwargs={"image_config": image_config, "max_pixels": max_pixels},
     ).map_batches(
         ScoringActor,
-        fn_constructor_args=(scorer_options, max_pixels),
+        fn_constructor_args=(scorer_options,),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors or max(gpus, 1)),

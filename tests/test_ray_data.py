@@ -205,3 +205,31 @@ def test_max_pixels_refuses_only_the_image_over_it_with_the_core_message(referen
         assert table["error"][i] is None and np.isfinite(table["score"][i])
         total = sum(table[f"p_{n}"][i] for n in ("excellent", "good", "fair", "poor", "bad"))
         assert abs(total - 1) < 1e-5
+
+
+def test_cpu_stage_makes_the_models_pixel_values_and_the_actor_scores_them_as_the_core(reference_dir, base_scorer, lora_scorer, one_thread):
+    """The CPU stage reads the preprocessing without the model and gives the core's `pixel_values`; the actor's
+    scores (through `score_pixel_batch`) are `score`'s, bad rows stay error rows."""
+    from artquant import ArtQuantScorer
+    from artquant.scorer.preprocessing import iter_pixel_batches
+    from artquant.serve.dataset import ScoringActor, preprocess_rows
+
+    for folder, scorer in (("mplug_owl2_base", base_scorer), ("artquant_lora", lora_scorer)):
+        assert ArtQuantScorer.load_image_config(reference_dir / folder) == scorer.image_config
+    rng = np.random.default_rng(3)
+    images = [_encoded(rng, i)[1] for i in range(5)] + [b"garbage"]
+    keys = np.array([f"k{i}" for i in range(6)], dtype=object)
+    batch = {"key": keys, "image": np.array(images, dtype=object), "error": np.array([None] * 5 + [None], dtype=object)}
+    batch["error"][2] = "k2: no image"
+    rows = preprocess_rows(batch, base_scorer.image_config)
+    size = base_scorer.image_config.crop_size
+    assert rows["pixel_values"].dtype == np.float32 and rows["pixel_values"].shape == (6, 3, size, size)
+    core = iter_pixel_batches([images[0]], base_scorer.image_config, 1, workers=1)
+    assert np.array_equal(rows["pixel_values"][0], next(core).pixel_values[0].numpy())  # bit for bit the core's
+    expected = base_scorer.score([Image.open(io.BytesIO(images[i])) for i in (0, 1, 3, 4)], batch_size=4)
+    actor = ScoringActor.__new__(ScoringActor)
+    actor.scorer = base_scorer
+    table = actor(rows).to_pydict()
+    assert table["error"][2] == "k2: no image" and "k5: not an image PIL can read" in table["error"][5]
+    assert np.isnan(table["score"][2]) and np.isnan(table["score"][5])
+    np.testing.assert_allclose([table["score"][i] for i in (0, 1, 3, 4)], [r.score for r in expected], atol=1e-5, rtol=0)

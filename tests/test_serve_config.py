@@ -18,7 +18,7 @@ def test_serve_imports_the_core_and_none_of_its_siblings():
     siblings = ("artquant_nodes", "reward", "training", "client", "report", "cli", "diffusers", "comfy")
     assert not [n for n in imports if n.startswith("..") and n.lstrip(".").split(".")[0] in siblings]
     assert not [n for n in imports if n.split(".")[0] in siblings]
-    assert {n for n in imports if n.startswith("..")} <= {"..scorer", "..scorer.images", ".."}
+    assert {n for n in imports if n.startswith("..")} <= {"..scorer", "..scorer.images", "..scorer.preprocessing", ".."}
 
 
 def test_client_imports_only_the_standard_library_numpy_and_pillow():
