@@ -572,13 +572,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if isinstance(getattr(args, "batch_size", 1), int) and getattr(args, "batch_size", 1) < 1:
         raise SystemExit("--batch-size must be at least 1")
-    from .scorer import CheckpointError
-
     try:
         return args.run(args)
-    except (CheckpointError, OutputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        # A CheckpointError can only come from the scorer, so commands that never load it (report) never import it.
+        scorer = sys.modules.get(f"{__package__}.scorer")
+        if isinstance(error, OutputError) or (scorer is not None and isinstance(error, scorer.CheckpointError)):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ def test_starting_imports_nothing_heavy(code):
     assert imported_after(code) == []
 
 
+def test_report_command_imports_nothing_heavy(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("path,score,std,error\n/nowhere/a.png,5.0,1.0,\n")
+    code = f"from artquant.cli import main\nassert main(['report', {str(scores)!r}, '--out', {str(tmp_path / 'r')!r}]) == 0"
+    assert imported_after(code) == []
+    assert (tmp_path / "r" / "index.html").is_file()
+
+
 def test_full_checkpoint_loads_without_peft_onto_the_device_in_its_dtype(reference_dir):
     code = (
         "from artquant import ArtQuantScorer\n"
