@@ -48,11 +48,32 @@ def stop(process: subprocess.Popen, grace_s: float = 60) -> None:
 
 
 def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the process's session and every process below it, then wait until they are all gone.
+
+    Ray starts some of its processes outside the CLI's session; one of them left running could finish writing a
+    file after the "kill", which a test that counts what the killed run wrote would miss."""
+    below = descendants(process.pid) if process.poll() is None else []
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan is a zombie until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def descendants(pid: int) -> list[int]:
