@@ -3,6 +3,8 @@ FLOPs, and the card's peak rate."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from artquant.scorer import ArtQuantScorer, ImageProcessingConfig, MPLUGOwl2LlamaForCausalLM, MplugOwl2Config, get_preset
@@ -95,3 +97,18 @@ def peak_flops(override_tflops: float | None) -> tuple[float | None, str]:
         if all(part in name for part in key.split()):
             return value, f"{name}: {value / 1e12:.0f} TFLOP/s dense bf16"
     return None, f"{name}: unknown peak (pass --peak-tflops)"
+
+
+def timed(run, device: torch.device, repeats: int) -> tuple[float, float | None]:
+    """(seconds per call, peak memory in GiB or None on the CPU), after one warm-up call."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)

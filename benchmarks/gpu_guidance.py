@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import gc
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny pipelines and tokenizers the tests build offline
 
 from artquant.reward import ArtQuantReward, RewardGuidance  # noqa: E402
-from gpu_common import random_model, random_scorer  # noqa: E402
+from gpu_common import random_model, random_scorer, timed  # noqa: E402
 from reward_tiny_pipelines import CALL_OPTIONS, clip_tokenizer, ready, t5_tokenizer, tiny_flux, tiny_sdxl  # noqa: E402
 
 
@@ -65,7 +64,7 @@ def text_encoders(hidden_sizes: dict[str, int]):
 
 
 def sdxl_shaped(device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     with building(device, dtype):
@@ -117,21 +116,6 @@ def flux_shaped(device: torch.device, dtype: torch.dtype):
 
 
 FAMILIES = {"sdxl": (sdxl_shaped, tiny_sdxl), "flux": (flux_shaped, tiny_flux)}
-
-
-def timed(run, device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """(seconds per call, peak memory in GiB or None on the CPU), after one warm-up call."""
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
-    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
 def main() -> None:

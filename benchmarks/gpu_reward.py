@@ -11,26 +11,10 @@ forward + backward with the scorer's activation checkpointing off and on.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from artquant.reward import ArtQuantReward
-from gpu_common import random_model, random_scorer
-
-
-def measure(run, device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """(seconds per call, peak memory in GiB or None on the CPU) after one warm-up call."""
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
-    return (time.perf_counter() - start) / repeats, None
+from gpu_common import random_model, random_scorer, timed
 
 
 def main() -> None:
@@ -69,7 +53,7 @@ def main() -> None:
     print("| what | rewards/s | peak memory (GiB) |\n| --- | ---: | ---: |")
     for label, run in rows.items():
         try:
-            seconds, peak = measure(run, device, args.repeats)
+            seconds, peak = timed(run, device, args.repeats)
         except torch.OutOfMemoryError:
             print(f"| {label} | out of memory | - |")
             torch.cuda.empty_cache()
