@@ -88,7 +88,9 @@ def test_a_nan_candidate_ranks_last_and_the_others_keep_their_scores(pipe, score
     expected = {c.seed: c.score for c in best_of_n(pipe, "a cat", 4, scorer, **options)}
     candidates = best_of_n(pipe_with_a_broken_seed, "a cat", 4, scorer, **options)
     assert candidates[-1].seed == 2 and "NaN" in candidates[-1].error and np.isnan(candidates[-1].score)
-    assert {c.seed: c.score for c in candidates[:-1]} == {s: v for s, v in expected.items() if s != 2}
+    # The NaN image leaves its scoring batch, so the others are scored in other batch shapes: a stated tolerance.
+    kept = {c.seed: c.score for c in candidates[:-1]}
+    assert kept == pytest.approx({s: v for s, v in expected.items() if s != 2}, abs=1e-5)
 
 
 def test_best_of_n_refuses_what_it_cannot_honour(pipe, scorer):
