@@ -211,7 +211,8 @@ def _read_model_config(path: Path) -> MplugOwl2Config:
     if values.get("model_type") != MplugOwl2Config.model_type:
         raise CheckpointError(
             f"{path} describes a model of type {values.get('model_type')!r}, not mplug_owl2: pass an mPLUG-Owl2 "
-            "checkpoint (such as MAGAer13/mplug-owl2-llama2-7b) or an ArtQuant release."
+            "checkpoint (such as MAGAer13/mplug-owl2-llama2-7b) or an ArtQuant release; for a Q-ReAlign (Qwen-VL) "
+            "checkpoint choose a qrealign-* preset."
         )
     try:
         return MplugOwl2Config.from_dict(values)

@@ -80,6 +80,18 @@ class ImageProcessingConfig:
             "do_convert_rgb": True,
         }
 
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """See `pixel_values_from_images`; every image config has this method (Qwen-VL's gives patches instead)."""
+        return pixel_values_from_images(images, self)
+
+    def collate(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One batch of `pixel_values` from the single images' (as `iter_pixel_batches` builds batches)."""
+        return torch.cat(parts)
+
+    def probe_pixel_values(self, batch: int, device, dtype) -> torch.Tensor:
+        """`batch` blank images' `pixel_values`, to find the largest batch that fits (all images are this size)."""
+        return torch.zeros(batch, 3, self.crop_size, self.crop_size, device=device, dtype=dtype)
+
     @property
     def pad_colour(self) -> tuple[int, int, int]:
         """The reference's padding colour: `int(mean * 255)` per channel (rounded down)."""
@@ -278,7 +290,7 @@ def iter_pixel_batches(
             return source, str(image), None
         try:
             if on_cpu:
-                return source, None, pixel_values_from_images(image[None], config)
+                return source, None, config.pixel_values(image[None])
             return source, None, image.pin_memory() if device.type == "cuda" else image
         except Exception as error:  # noqa: BLE001 - e.g. out of memory on one huge image: that image fails
             return source, preprocessing_failure(source, error), None
@@ -289,7 +301,7 @@ def iter_pixel_batches(
     for source, error, tensor in in_order(prepare, iter_image_loaders(inputs, layout, max_pixels), workers, batch_size):
         if error is None and not on_cpu:
             try:
-                tensor = pixel_values_from_images(tensor.to(device, non_blocking=True)[None], config)
+                tensor = config.pixel_values(tensor.to(device, non_blocking=True)[None])
             except Exception as failed:  # noqa: BLE001 - as above, on the device
                 error, tensor = preprocessing_failure(source, failed), None
         if error is None:
@@ -298,7 +310,7 @@ def iter_pixel_batches(
         sources.append(source)
         errors.append(error)
         if len(sources) == batch_size:
-            yield PixelBatch(sources, errors, torch.cat(ready) if ready else None)
+            yield PixelBatch(sources, errors, config.collate(ready) if ready else None)
             sources, errors, ready = [], [], []
     if sources:
-        yield PixelBatch(sources, errors, torch.cat(ready) if ready else None)
+        yield PixelBatch(sources, errors, config.collate(ready) if ready else None)

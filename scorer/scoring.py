@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .levels import expected_score, score_std
 from .modeling_mplug_owl2 import IMAGE_TOKEN_INDEX, PromptPrefixCache
 from .presets import Preset, get_preset
-from .preprocessing import ImageProcessingConfig, PixelBatch, iter_pixel_batches, pixel_values_from_images
+from .preprocessing import ImageProcessingConfig, PixelBatch, iter_pixel_batches
 
 
 @dataclass
@@ -46,6 +47,18 @@ class LevelScores:
 def _checkpoint_arguments(model, base, preset: Preset) -> tuple:
     """(model, base, default_base) for `load_checkpoint`: the preset's model (on its base) when none is given."""
     return model or preset.model_id, base if model is not None else (base or preset.base_id), preset.base_id
+
+
+SCORER_CLASSES = {  # a preset's `family` -> (module, class) of the scorer that runs it, imported when first used
+    "mplug_owl2": (".scoring", "ArtQuantScorer"),
+    "qwen_vl": (".qwen_vl", "QwenVLScorer"),
+}
+
+
+def scorer_class(preset: str | Preset) -> type[ArtQuantScorer]:
+    """The scorer class that runs `preset` (`ArtQuantScorer` for mPLUG-Owl2 presets, `QwenVLScorer` for Q-ReAlign)."""
+    module, name = SCORER_CLASSES[get_preset(preset).family]
+    return getattr(importlib.import_module(module, __package__), name)
 
 
 CPU_BATCH_SIZE = 8  # on a CPU, bigger batches gain little and only hold more memory
@@ -130,29 +143,49 @@ class ArtQuantScorer:
         `dtype`/`device` default to bf16 on a GPU and fp32 on the CPU; `quantization` "8bit"/"4bit" needs
         bitsandbytes and a CUDA GPU. `compile=True` (or a dict of `torch.compile` arguments) compiles the vision
         tower, the abstractor and the LLM's layers at their first use: minutes for a 7B model, worth it for many
-        batches on a GPU."""
+        batches on a GPU.
+
+        A Q-ReAlign preset (family "qwen_vl") returns a `QwenVLScorer`: the same interface on a Qwen-VL model."""
         preset = get_preset(preset)
+        family = scorer_class(preset)
+        if family is not cls:
+            return family.from_pretrained(model, base, preset, dtype, device, merge_lora, quantization, compile)
         device, dtype = resolve_device_and_dtype(device, dtype)
-        checkpoint = load_checkpoint(
-            *_checkpoint_arguments(model, base, preset),
-            dtype=dtype,
-            merge_lora=merge_lora,
-            quantization=quantization,
-            device=device,
-        )
+        checkpoint = cls._load(model, base, preset, dtype, device, merge_lora, quantization)
         if quantization is None:  # a no-op for the weights (loaded there); catches any buffer made elsewhere
             checkpoint.model.to(device)
+        scorer = cls(checkpoint, preset, device, dtype)
         if compile:
-            checkpoint.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
-        return cls(checkpoint, preset, device, dtype)
+            scorer._compile(compile if isinstance(compile, dict) else {})
+        return scorer
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: LoadedCheckpoint, preset: str | Preset, device, dtype) -> ArtQuantScorer:
+        """A scorer for `preset` on weights already loaded (of the preset's family): only the prompt is tokenised."""
+        preset = get_preset(preset)
+        return scorer_class(preset)(checkpoint, preset, torch.device(device), dtype)
+
+    @classmethod
+    def _load(cls, model, base, preset: Preset, dtype, device, merge_lora, quantization) -> LoadedCheckpoint:
+        return load_checkpoint(*_checkpoint_arguments(model, base, preset), dtype=dtype, merge_lora=merge_lora,
+                               quantization=quantization, device=device)
+
+    def _compile(self, options: dict) -> None:
+        self.model.compile_blocks(**options)
 
     @staticmethod
     def load_image_config(
         model: str | os.PathLike | None = None, base: str | os.PathLike | None = None, preset: str | Preset = "artquant"
     ) -> ImageProcessingConfig:
         """The preprocessing `from_pretrained(model, base, preset)` would use, read without loading the model: for
-        workers that make `pixel_values` (`pixel_values_from_images`) apart from the scorer (`score_pixel_batch`)."""
-        return load_image_config(*_checkpoint_arguments(model, base, get_preset(preset)))
+        workers that make `pixel_values` (`image_config.pixel_values(images)`) apart from the scorer
+        (`score_pixel_batch`)."""
+        preset = get_preset(preset)
+        return scorer_class(preset)._image_config(model, base, preset)
+
+    @staticmethod
+    def _image_config(model, base, preset: Preset) -> ImageProcessingConfig:
+        return load_image_config(*_checkpoint_arguments(model, base, preset))
 
     def save_pretrained(self, out: str | os.PathLike) -> None:
         """Writes the (merged) model as a safetensors checkpoint folder that `from_pretrained` loads without peft."""
@@ -183,11 +216,10 @@ class ArtQuantScorer:
         if self.device.type != "cuda":
             return CPU_BATCH_SIZE
         if self._largest_batch_size is None:
-            size = self.image_config.crop_size
 
             def run(batch: int) -> None:
                 with torch.inference_mode():
-                    self.level_logits(torch.zeros(batch, 3, size, size, device=self.device, dtype=self.dtype))
+                    self.level_logits(self.image_config.probe_pixel_values(batch, self.device, self.dtype))
 
             self._largest_batch_size = max(1, int(0.9 * fitting_batch_size(run, limit)))
         return self._largest_batch_size
@@ -228,7 +260,7 @@ class ArtQuantScorer:
             raise ValueError("score_tensor got an empty batch.")
         if not torch.isfinite(images).all():
             raise ValueError("score_tensor got NaN or infinite pixel values.")
-        pixel_values = pixel_values_from_images(images, self.image_config)
+        pixel_values = self.image_config.pixel_values(images)
         return self.scores_from_logits(self.level_logits(pixel_values), open_set)
 
     def score(
@@ -338,10 +370,7 @@ class ArtQuantScorer:
         Greedy unless `do_sample=True`. One string per image, in order (inputs as for `score`, decoded a batch at a
         time); an image that cannot be used gets the string "[error: <what is wrong>]" in its place, never an
         exception. `workers`: input threads, as for `score_batches`."""
-        prompt_ids = torch.tensor(
-            self.tokenizer.encode_with_images(self.preset.prompt(question or self.preset.describe_question, "")),
-            device=self.device,
-        )
+        prompt_ids = self._description_prompt(question or self.preset.describe_question)
         texts: list[str] = []
         for batch in iter_pixel_batches(images, self.image_config, batch_size, layout, max_pixels, self.device, workers):
             generated = iter(())
@@ -351,9 +380,15 @@ class ArtQuantScorer:
                         prompt_ids, batch.pixel_values, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         **generate_kwargs,
                     ))
-            texts += [f"[error: {error}]" if error else self.tokenizer.decode(next(generated)).strip()
+            texts += [f"[error: {error}]" if error else self._decode(next(generated)).strip()
                       for error in batch.errors]
         return texts
+
+    def _description_prompt(self, question: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode_with_images(self.preset.prompt(question, "")), device=self.device)
+
+    def _decode(self, token_ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(token_ids)
 
     def generate_from_pixels(self, prompt_ids: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         """New token ids [B, n] after `prompt_ids` (with one image placeholder) for each image in `pixel_values`."""

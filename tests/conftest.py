@@ -72,3 +72,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+QREALIGN_DIR = REPO_ROOT / "tests" / "data" / "qrealign_tiny"  # a tiny random Qwen3.5-VL (tests/qrealign_tiny.py)
+QREALIGN_IMAGES = REPO_ROOT / "tests" / "data" / "qrealign_images"
+
+
+@pytest.fixture(scope="session")
+def qrealign_dir() -> Path:
+    return QREALIGN_DIR
+
+
+@pytest.fixture(scope="session")
+def qrealign_images(qrealign_golden) -> list[Path]:
+    """The golden images, in the golden file's order (sizes from 9 x 900 to 300 x 220)."""
+    return [QREALIGN_IMAGES / name for name in qrealign_golden["scores"]["quality"]]
+
+
+@pytest.fixture(scope="session")
+def qrealign_golden() -> dict:
+    """Scores of the tiny Q-ReAlign checkpoint by the authors' code (tests/data/make_qrealign_golden.py)."""
+    return json.loads((REPO_ROOT / "tests" / "data" / "qrealign_golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def qrealign_scorer():
+    """The Q-ReAlign quality preset on the tiny checkpoint (fp32, CPU)."""
+    from artquant import ArtQuantScorer
+
+    return ArtQuantScorer.from_pretrained(QREALIGN_DIR, preset="qrealign-mini-quality", device="cpu", dtype="fp32")
