@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one go, for a lent GPU machine: each script's report goes to $OUT (default
-# benchmarks/results/). The models are 7B-shaped with random weights, so nothing is downloaded.
+# benchmarks/results/). The models are 7B-shaped (Q-ReAlign: 0.8B/9B-shaped) with random weights, so nothing is
+# downloaded.
 # Expects the project installed (pip install -e ".[test]") with a CUDA build of torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,6 @@ run prefix_cache python benchmarks/bench_prefix_cache.py --device cuda
 run gpu_reward python benchmarks/gpu_reward.py
 run gpu_guidance python benchmarks/gpu_guidance.py
 run gpu_train python benchmarks/gpu_train.py
+run qrealign_mini python benchmarks/bench_qrealign.py --shape 0.8b --device cuda --batch-size 16 --out "$out/qrealign_mini.json"
+run qrealign_pro python benchmarks/bench_qrealign.py --shape 9b --device cuda --batch-size 8 --images 24 --out "$out/qrealign_pro.json"
 exit $status
