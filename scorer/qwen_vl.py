@@ -168,15 +168,24 @@ class QwenImageConfig:
 
 
 def load_qwen_image_config(model: str | os.PathLike) -> QwenImageConfig:
-    """The preprocessing of the Qwen-VL checkpoint `model` (a folder or Hugging Face id), from its
-    preprocessor_config.json alone: for workers that preprocess images apart from the model."""
+    """The preprocessing of the Qwen-VL checkpoint `model` (a folder or Hugging Face id), from its small files alone:
+    preprocessor_config.json, or the "image_processor" entry of processor_config.json (where transformers 5 saves a
+    processor). For workers that preprocess images apart from the model."""
+    remedy = "download the checkpoint's preprocessor_config.json or processor_config.json again."
     path = find_file(str(model), "preprocessor_config.json", required=False)
-    if path is None:
-        raise CheckpointError(f"{model} has no preprocessor_config.json: download the whole checkpoint again; a "
-                              "Qwen-VL model's image size and patch grid are read from it.")
-    remedy = "download the checkpoint's preprocessor_config.json again."
+    if path is not None:
+        values = _read_json(path, remedy)
+    else:
+        path = find_file(str(model), "processor_config.json", required=False)
+        if path is None:
+            raise CheckpointError(f"{model} has neither preprocessor_config.json nor processor_config.json: download "
+                                  "the whole checkpoint again; a Qwen-VL model's image size and patch grid are read "
+                                  "from them.")
+        values = _read_json(path, remedy).get("image_processor")
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path} has no \"image_processor\" settings: {remedy}")
     try:
-        return QwenImageConfig.from_dict(_read_json(path, remedy))
+        return QwenImageConfig.from_dict(values)
     except ValueError as error:
         raise CheckpointError(f"{path} cannot be used: {error} Please {remedy}") from None
 
@@ -215,9 +224,13 @@ def load_qwen_checkpoint(model: str | os.PathLike, dtype: torch.dtype, device: t
     except Exception as error:
         raise CheckpointError(f"The tokenizer of {location} cannot be loaded ({_reason(error)}): download its "
                               "tokenizer.json and tokenizer_config.json again.") from None
-    if not tokenizer.chat_template:
-        raise CheckpointError(f"{location} has no chat template (chat_template.jinja): download it again; the "
-                              "scoring prompt is built with it.")
+    if not tokenizer.chat_template:  # older processors keep it in chat_template.json
+        legacy = find_file(location, "chat_template.json", required=False)
+        template = _read_json(legacy, "download it again.").get("chat_template") if legacy is not None else None
+        if not isinstance(template, str) or not template:
+            raise CheckpointError(f"{location} has no chat template (chat_template.jinja): download it again; the "
+                                  "scoring prompt is built with it.")
+        tokenizer.chat_template = template
     if tokenizer.convert_tokens_to_ids("<|image_pad|>") != config.image_token_id:
         raise CheckpointError(f"The tokenizer of {location} does not match its model (<|image_pad|> is not token "
                               f"{config.image_token_id}): download the tokenizer files again.")
@@ -236,6 +249,11 @@ def load_qwen_checkpoint(model: str | os.PathLike, dtype: torch.dtype, device: t
         raise CheckpointError(f"{location} lacks {len(missing)} weights of its model (e.g. {missing[:3]}): download "
                               "the checkpoint again.")
     return LoadedCheckpoint(network.eval(), tokenizer, image_config, location)
+
+
+def _refuse_base(base, preset: Preset) -> None:
+    if base is not None:
+        raise ValueError(f"The {preset.name} preset loads full Qwen-VL checkpoints; `base` is not used: leave it out.")
 
 
 class QwenVLScorer(ArtQuantScorer):
@@ -264,8 +282,7 @@ class QwenVLScorer(ArtQuantScorer):
 
     @classmethod
     def _load(cls, model, base, preset: Preset, dtype, device, merge_lora, quantization) -> LoadedCheckpoint:
-        if base is not None:
-            raise ValueError(f"The {preset.name} preset loads full Qwen-VL checkpoints; `base` is not used: leave it out.")
+        _refuse_base(base, preset)
         return load_qwen_checkpoint(model or preset.model_id, dtype, device, quantization)
 
     def _compile(self, options: dict) -> None:
@@ -277,6 +294,7 @@ class QwenVLScorer(ArtQuantScorer):
 
     @staticmethod
     def _image_config(model, base, preset: Preset) -> QwenImageConfig:
+        _refuse_base(base, preset)  # as loading the model would: workers preprocessing apart learn it first
         return load_qwen_image_config(model or preset.model_id)
 
     def save_pretrained(self, out: str | os.PathLike) -> None:

@@ -105,6 +105,28 @@ def test_describe_and_round_trip_through_save_pretrained(qrealign_scorer, images
     assert again.score([images[0]])[0].score == pytest.approx(qrealign_scorer.score([images[0]])[0].score, abs=1e-6)
 
 
+def test_processor_config_as_transformers_5_saves_it(qrealign_dir, qrealign_scorer, images, tmp_path):
+    """A checkpoint whose image settings sit in processor_config.json (nested under "image_processor") loads the same."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qrealign_dir, folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").unlink()
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": settings, "processor_class": "Qwen3VLProcessor"}))
+    scorer = ArtQuantScorer.from_pretrained(folder, preset="qrealign-mini-quality", dtype="fp32")
+    assert scorer.image_config == qrealign_scorer.image_config
+    assert scorer.score([images[0]])[0].score == pytest.approx(qrealign_scorer.score([images[0]])[0].score, abs=1e-6)
+
+
+def test_chat_template_in_the_older_json_file(qrealign_dir, qrealign_scorer, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qrealign_dir, folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    scorer = ArtQuantScorer.from_pretrained(folder, preset="qrealign-mini-quality", dtype="fp32")
+    assert scorer.prompt_ids.tolist() == qrealign_scorer.prompt_ids.tolist()
+
+
 def test_largest_batch_size_on_the_cpu(qrealign_scorer):
     assert qrealign_scorer.largest_batch_size() == 8
 
@@ -133,7 +155,9 @@ def _edit_json(folder, name, change):
 BROKEN_CHECKPOINTS = [
     # (id, how the copy is broken, error type, message fragment)
     ("no preprocessor config", lambda d: (d / "preprocessor_config.json").unlink(), CheckpointError,
-     "has no preprocessor_config.json"),
+     "has neither preprocessor_config.json nor processor_config.json"),
+    ("processor config without image settings", lambda d: (d / "preprocessor_config.json").rename(
+        d / "processor_config.json"), CheckpointError, 'has no "image_processor" settings'),
     ("CLIP preprocessor", lambda d: _edit_json(d, "preprocessor_config.json",
                                                lambda v: v.update(image_processor_type="CLIPImageProcessor")),
      CheckpointError, "not a Qwen2-VL image processor"),
@@ -148,6 +172,8 @@ BROKEN_CHECKPOINTS = [
      "is not valid JSON"),
     ("config not JSON", lambda d: (d / "config.json").write_text("[1]"), CheckpointError, "not an object"),
     ("no chat template", lambda d: (d / "chat_template.jinja").unlink(), CheckpointError, "has no chat template"),
+    ("legacy chat template not JSON", lambda d: (d / "chat_template.jinja").rename(d / "chat_template.json"),
+     CheckpointError, "is not valid JSON"),
     ("tokenizer of another model", lambda d: _edit_json(d, "config.json", lambda v: v.update(image_token_id=7)),
      CheckpointError, "does not match its model"),
     ("no weights", lambda d: (d / "model.safetensors").unlink(), CheckpointError, "cannot be loaded"),
