@@ -1,5 +1,6 @@
-"""Diffusion-model rewards from the ArtQuant scorer: the reward functions (ddpo-pytorch contract and differentiable),
-the RL-trainer adapters, best-of-N sampling, reward guidance during sampling, and DRaFT-K LoRA fine-tuning.
+"""Diffusion-model rewards from the ArtQuant scorer, any preset (ArtQuant, DeQA-Score, OneAlign, Q-ReAlign on its
+0..1 scale): the reward functions (ddpo-pytorch contract and differentiable), the RL-trainer adapters, best-of-N
+sampling, reward guidance during sampling, and DRaFT-K LoRA fine-tuning.
 
 The only part of artquant that touches diffusers; `reward.functions` and `reward.trainers` themselves need only torch.
 """

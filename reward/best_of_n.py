@@ -219,7 +219,8 @@ def contact_sheet(candidates: Sequence[Candidate], columns: int = 4, thumbnail: 
         image = candidate.image.convert("RGB")
         image.thumbnail((thumbnail, thumbnail))
         sheet.paste(image, (x + (thumbnail - image.width) // 2, y + (thumbnail - image.height) // 2))
-        rating = f"{candidate.score:.2f} ± {candidate.std:.2f}" if candidate.error is None else "not scored"
+        # Three significant digits whatever the preset's scale (7.35 on ArtQuant's 1-10, 0.735 on Q-ReAlign's 0-1).
+        rating = f"{candidate.score:#.3g} ± {candidate.std:#.3g}" if candidate.error is None else "not scored"
         caption = f"#{index + 1}  {rating}  seed {candidate.seed}"
         draw.text((x + 4, y + thumbnail + 2), caption, fill="black", font=font)
     return sheet

@@ -179,7 +179,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompts", required=True, help="text file with one prompt a line, or one prompt")
     parser.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
     parser.add_argument("--model", default=None, help="scorer checkpoint (default: the preset's)")
-    parser.add_argument("--preset", default="artquant")
+    parser.add_argument(
+        "--preset",
+        default="artquant",
+        help="scorer preset: artquant, deqa-score, onealign-*, qrealign-{mini,lite,pro}-{quality,aesthetics}",
+    )
     parser.add_argument("--normalize", choices=["raw", "unit", "zscore"], default="unit")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--k", type=int, default=1, help="denoising steps to backpropagate through (DRaFT-K)")

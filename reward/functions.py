@@ -115,6 +115,15 @@ def _batch_channels_first(array: torch.Tensor, layout: str) -> torch.Tensor:
 ERROR_MODES = ("raise", "nan", "fallback")
 
 
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training mode would drop anything: a Dropout module, or an attention layer's dropout rate (which
+    mPLUG-Owl2's and transformers' attention layers keep as `attention_dropout`, whatever the config nesting)."""
+    return any(
+        (isinstance(module, torch.nn.Dropout) and module.p > 0) or getattr(module, "attention_dropout", 0) > 0
+        for module in model.modules()
+    )
+
+
 def device_scope(device: torch.device):
     """Makes `device` the current CUDA device of the calling thread for the block (a no-op off CUDA).
 
@@ -137,17 +146,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
 class ArtQuantReward:
     """The ArtQuant score as a reward: `reward(images, prompts, metadata) -> (rewards [B], info)`.
 
-    normalize: "raw" (the score, 1-10 for ArtQuant), "unit" (mapped to [0, 1] by the preset's score range) or
-        "zscore" (minus the running mean of the rewards recorded so far, divided by their running std; before two
-        are recorded it is the raw score). Rewards are recorded only by calls with `update_stats=True`, so
-        evaluation, guidance and logging never move the statistics.
+    normalize: "raw" (the score on the preset's scale: 1-10 for ArtQuant, 0-1 for Q-ReAlign), "unit" (mapped to
+        [0, 1] by the preset's `score_range`) or "zscore" (minus the running mean of the rewards recorded so far,
+        divided by their running std; before two are recorded it is the raw score). Rewards are recorded only by
+        calls with `update_stats=True`, so evaluation, guidance and logging never move the statistics.
     value_range: what float images mean, (0, 1) or (-1, 1); uint8 images and PIL images are always [0, 255].
     errors: what an image that cannot be scored (NaN pixels, unreadable, ...) gets; the others always keep their
         rewards. "raise": an error naming it; "nan": NaN; "fallback": the value `fallback` (RL trainers: one NaN in a
         group would turn every advantage of the group into NaN). The reason is in `info["errors"]` either way.
     fallback: the reward, in the output's normalisation, of an unscorable image with errors="fallback"; default:
-        the lowest reward the preset can give (1.0 raw for ArtQuant, 0.0 unit; in zscore the lowest score
-        normalised with the statistics of the moment).
+        the lowest reward the preset can give (raw: 1.0 for ArtQuant, 0.0 for Q-ReAlign; unit: 0.0; zscore: the
+        lowest score normalised with the statistics of the moment).
     gradient_checkpointing: recompute the scorer's layer activations in the backward pass of `differentiable`
         instead of storing them (one layer's activations at a time instead of all, for one more forward pass).
 
@@ -292,7 +301,7 @@ class ArtQuantReward:
             return
         model = self.scorer.model
         # transformers checkpoints a layer only in training mode; with no active dropout that changes nothing else.
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or model.config.attention_dropout:
+        if has_dropout(model):
             raise ValueError("the scorer has active dropout; pass gradient_checkpointing=False.")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()

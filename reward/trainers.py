@@ -114,8 +114,9 @@ def async_reward(
 
 def alignprop_reward(reward: ArtQuantReward, value_range: Sequence[float] = (0, 1), update_stats: bool = True):
     """trl AlignProp's `reward_function(images, prompts, metadata) -> (rewards, info)` with rewards [B] that carry
-    gradients to `images` (its `output_type="pt"` images, [B, 3, H, W] in [0, 1]); AlignProp's loss is
-    `10.0 - rewards.mean()`, which suits the raw 1-10 ArtQuant score."""
+    gradients to `images` (its `output_type="pt"` images, [B, 3, H, W] in [0, 1]). AlignProp's loss is
+    `10.0 - rewards.mean()`: a constant offset, so any preset's scale (1-10 ArtQuant, 0-1 Q-ReAlign) gives the same
+    gradients."""
 
     def _fn(images, prompts, metadata):
         rewards = reward.differentiable(images, value_range=value_range, update_stats=update_stats)
@@ -139,6 +140,7 @@ class FlowFactoryReward:
           - name: "artquant"
             reward_model: "artquant.reward.FlowFactoryReward"
             model: "Liuuuu123/ArtQuant"   # optional: goes to extra_kwargs (also preset, normalize, errors, fallback)
+            # preset: "qrealign-mini-quality"   # any preset, Q-ReAlign's included (scores 0..1)
 
     Flow-Factory builds it as `FlowFactoryReward(config, accelerator)` and calls `model(prompt=[...], image=[PIL])`.
     The device is the accelerator's when the config says plain "cuda" (as Flow-Factory's own models do).

@@ -1,5 +1,6 @@
 """Tiny, randomly initialised diffusers pipelines built offline (tokenizers made in-process): SD 1.x (with its
 img2img and 4-/9-channel inpaint variants), SDXL, SD3 and Flux. Sizes follow diffusers' own pipeline tests, smaller.
+Also the tiny Q-ReAlign scorer the reward suites run beside the ArtQuant fixture.
 
 Each builder is deterministic in its `seed`; images are SIZE x SIZE pixels.
 """
@@ -7,6 +8,7 @@ Each builder is deterministic in its `seed`; images are SIZE x SIZE pixels.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -248,3 +250,22 @@ CALL_OPTIONS = {
     "sd3": {"max_sequence_length": 16},
     "flux": {"max_sequence_length": 16, "guidance_scale": 3.5},
 }
+
+
+QREALIGN_TINY = Path(__file__).parent / "data" / "qrealign_tiny"  # tests/qrealign_tiny.py: a tiny random Qwen3.5-VL
+QREALIGN_PRESET = "qrealign-mini-quality"
+# Each scorer family's score range as its authors define it: ArtQuant's level weights run 1..10, Q-ReAlign's 1, 0.75,
+# 0.5, 0.25, 0 (pyiqa's qrealign_arch.py). Unit rewards and the default fallback (the lowest score) follow from these.
+SCORE_RANGES = {"artquant": (1.0, 10.0), "qrealign": (0.0, 1.0)}
+
+
+def score_range(scorer) -> tuple[float, float]:
+    return SCORE_RANGES["qrealign" if scorer.preset.family == "qwen_vl" else "artquant"]
+
+
+def tiny_qrealign_scorer(dtype: str = "fp32"):
+    """A Q-ReAlign scorer on the tiny checkpoint, CPU: a fresh copy per call, since rewards freeze the model and
+    switch on its activation checkpointing in place."""
+    from artquant import ArtQuantScorer
+
+    return ArtQuantScorer.from_pretrained(QREALIGN_TINY, preset=QREALIGN_PRESET, device="cpu", dtype=dtype)

@@ -1,4 +1,5 @@
-"""The reward functions: ddpo-pytorch contract, input forms, normalisation, bad input, and the differentiable reward."""
+"""The reward functions: ddpo-pytorch contract, input forms, normalisation, bad input, and the differentiable reward,
+on the ArtQuant fixture (mPLUG-Owl2) and on the tiny Q-ReAlign checkpoint (Qwen3.5-VL)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from artquant.reward import ArtQuantReward, artquant_reward
 from PIL import Image
+from reward_tiny_pipelines import SCORE_RANGES, score_range, tiny_qrealign_scorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,8 +23,24 @@ def private_copy(scorer):
 
 
 @pytest.fixture(scope="module")
-def scorer(lora_scorer):
+def artquant_scorer(lora_scorer):
     return private_copy(lora_scorer)
+
+
+@pytest.fixture(scope="module")
+def qrealign_scorer_copy():
+    return tiny_qrealign_scorer()
+
+
+@pytest.fixture(scope="module", params=list(SCORE_RANGES))
+def scorer(request):
+    """Each family's scorer in turn (the ArtQuant one skips without the reference fixture, the Q-ReAlign one never)."""
+    return request.getfixturevalue("artquant_scorer" if request.param == "artquant" else "qrealign_scorer_copy")
+
+
+def fresh_scorer(request, family: str):
+    """A scorer of `family` that no reward has touched yet (rewards switch checkpointing on in place)."""
+    return private_copy(request.getfixturevalue("lora_scorer")) if family == "artquant" else tiny_qrealign_scorer()
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +49,8 @@ def uint8_batch() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(3, 37, 52, 3), dtype=np.uint8)
 
 
-def test_rewards_equal_the_reference_scores(scorer, reference_images, golden):
-    reward_fn = artquant_reward(scorer)
+def test_rewards_equal_the_reference_scores(artquant_scorer, reference_images, golden):
+    reward_fn = artquant_reward(artquant_scorer)
     images = [Image.open(path) for path in reference_images]
     rewards, info = reward_fn(images, ["a prompt"] * len(images), [{}] * len(images))
     assert rewards.shape == (len(images),)
@@ -42,6 +60,18 @@ def test_rewards_equal_the_reference_scores(scorer, reference_images, golden):
     expected_std = (info["level_probs"] * (weights - rewards[:, None]) ** 2).sum(1).sqrt()
     torch.testing.assert_close(info["std"], expected_std, atol=1e-4, rtol=0)
     assert info["level_names"] == golden["level_names"] and info["errors"] == [None] * len(images)
+
+
+@pytest.mark.parametrize("task", ["quality", "aesthetics"])
+def test_qrealign_rewards_equal_the_authors_scores(qrealign_dir, qrealign_images, qrealign_golden, task):
+    """The reward factory builds the Q-ReAlign scorer from a preset name; its rewards are the authors' scores."""
+    reward_fn = artquant_reward(model=qrealign_dir, preset=f"qrealign-mini-{task}", device="cpu", dtype="fp32")
+    rewards, info = reward_fn([Image.open(path) for path in qrealign_images], None, None)
+    expected = torch.tensor([qrealign_golden["scores"][task][path.name] for path in qrealign_images])
+    torch.testing.assert_close(rewards, expected, atol=1e-4, rtol=0)
+    weights = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])  # excellent .. bad, as pyiqa's qrealign_arch.py weighs them
+    torch.testing.assert_close((info["level_probs"] * weights).sum(1), rewards, atol=1e-5, rtol=0)
+    assert info["level_names"] == ["excellent", "good", "fair", "poor", "bad"]
 
 
 def test_rewards_equal_scorer_score_on_the_same_images(scorer, uint8_batch):
@@ -75,14 +105,18 @@ def test_normalisations(scorer, uint8_batch):
     images = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2)
     raw, _ = ArtQuantReward(scorer, normalize="raw")(images)
     unit, _ = ArtQuantReward(scorer, normalize="unit")(images)
-    torch.testing.assert_close(unit, (raw - 1) / 9)  # ArtQuant's score range is 1..10
+    low, high = score_range(scorer)
+    torch.testing.assert_close(unit, (raw - low) / (high - low))
+    assert (unit >= 0).all() and (unit <= 1).all()
 
     zscore = ArtQuantReward(scorer, normalize="zscore")
     zscore(images[:2], update_stats=True)
     second, info = zscore(images, update_stats=True)
     seen = np.concatenate([raw[:2].numpy(), raw.numpy()]).astype(np.float64)
     expected = (raw.numpy() - seen.mean()) / seen.std()
-    np.testing.assert_allclose(second.numpy(), expected, rtol=1e-5)
+    # The rewards are float32: a score's rounding (< 1e-6) is divided by the std (~0.01 on the tiny Q-ReAlign model).
+    rounding = 1e-6 / seen.std()
+    np.testing.assert_allclose(second.numpy(), expected, rtol=1e-5, atol=rounding)
     torch.testing.assert_close(info["score"], raw)  # the raw score stays available
 
     # Evaluation and gradient calls normalise with the statistics as they are and never move them.
@@ -91,7 +125,7 @@ def test_normalisations(scorer, uint8_batch):
     with torch.no_grad():
         zscore.differentiable(images[:1].float() / 255)
     assert (zscore.moments.count, zscore.moments.mean, zscore.moments.std) == (count, mean, std)
-    np.testing.assert_allclose(evaluation.numpy(), (raw[:1].numpy() - mean) / std, rtol=1e-5)
+    np.testing.assert_allclose(evaluation.numpy(), (raw[:1].numpy() - mean) / std, rtol=1e-5, atol=rounding)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +155,8 @@ def test_a_nan_image_is_named_or_costs_only_its_own_reward(scorer, uint8_batch):
     rewards, info = ArtQuantReward(scorer, errors="nan")(images)
     assert torch.isnan(rewards[1]) and "NaN" in info["errors"][1]
     torch.testing.assert_close(rewards[[0, 2]], clean[[0, 2]])
-    for options, stated in [({}, 1.0), ({"normalize": "unit"}, 0.0), ({"fallback": -3.0}, -3.0)]:
+    lowest = score_range(scorer)[0]
+    for options, stated in [({}, lowest), ({"normalize": "unit"}, 0.0), ({"fallback": -3.0}, -3.0)]:
         rewards, info = ArtQuantReward(scorer, errors="fallback", **options)(images)
         assert rewards[1] == stated and "NaN" in info["errors"][1]
         assert info["errors"][0] is None and torch.isfinite(rewards).all()
@@ -130,9 +165,9 @@ def test_a_nan_image_is_named_or_costs_only_its_own_reward(scorer, uint8_batch):
 # ----------------------------------------------------------------------------------------------------------------
 # Differentiable reward
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def float64_reward(lora_scorer):
-    scorer = private_copy(lora_scorer)
+@pytest.fixture(scope="module", params=list(SCORE_RANGES))
+def float64_reward(request):
+    scorer = fresh_scorer(request, request.param)
     scorer.model.double()
     scorer.dtype = torch.float64
     return ArtQuantReward(scorer)
@@ -140,12 +175,17 @@ def float64_reward(lora_scorer):
 
 def test_differentiable_reward_is_the_score_of_the_same_pixels(scorer, uint8_batch):
     reward = ArtQuantReward(scorer, normalize="unit")
-    images = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2).float() / 255
+    if scorer.preset.family == "mplug_owl2":
+        # The float path skips PIL's 8-bit rounding between the resize passes; nothing else differs.
+        images, tolerance = torch.from_numpy(uint8_batch).permute(0, 3, 1, 2).float() / 255, 2e-4
+    else:
+        # Q-ReAlign takes 32 x 64 as it is (multiples of 32 within its pixel budget): only float rounding differs.
+        uint8 = torch.randint(0, 256, (3, 3, 32, 64), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+        images, tolerance = uint8.float() / 255, 1e-5
     with torch.no_grad():
         differentiable = reward.differentiable(images * 2 - 1, value_range=(-1, 1))
     plain, _ = reward(images)
-    # The float path skips PIL's 8-bit rounding between the resize passes; nothing else differs.
-    torch.testing.assert_close(differentiable, plain, atol=2e-4, rtol=0)
+    torch.testing.assert_close(differentiable, plain, atol=tolerance, rtol=0)
 
 
 def test_gradients_match_finite_differences(float64_reward):
@@ -209,12 +249,13 @@ def _saved_activation_bytes(reward, images):
     return sum(saved), rewards
 
 
-def test_gradient_checkpointing_saves_less_and_gives_the_same_gradients(lora_scorer):
+@pytest.mark.parametrize("family", list(SCORE_RANGES))
+def test_gradient_checkpointing_saves_less_and_gives_the_same_gradients(request, family):
     images = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(2))
     results = {}
     for checkpointing in (True, False):
         pixels = images.clone().requires_grad_(True)
-        reward = ArtQuantReward(private_copy(lora_scorer), gradient_checkpointing=checkpointing)
+        reward = ArtQuantReward(fresh_scorer(request, family), gradient_checkpointing=checkpointing)
         saved, rewards = _saved_activation_bytes(reward, pixels)
         rewards.sum().backward()
         results[checkpointing] = saved, pixels.grad

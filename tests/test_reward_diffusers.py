@@ -1,5 +1,5 @@
-"""Best-of-N on a tiny Stable Diffusion pipeline built offline (guidance: test_reward_guidance.py; DRaFT-K:
-test_reward_draft.py)."""
+"""Best-of-N on a tiny Stable Diffusion pipeline built offline, ranked by the ArtQuant fixture and by the tiny
+Q-ReAlign scorer (guidance: test_reward_guidance.py; DRaFT-K: test_reward_draft.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from artquant import ArtQuantScorer
 from artquant.reward import ArtQuantReward, best_of_n, best_of_n_to_folder
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from reward_tiny_pipelines import SIZE, tiny_flux, tiny_sd
+from reward_tiny_pipelines import (
+    QREALIGN_PRESET,
+    QREALIGN_TINY,
+    SCORE_RANGES,
+    SIZE,
+    tiny_flux,
+    tiny_qrealign_scorer,
+    tiny_sd,
+)
 
 STEPS = 6
 
@@ -29,9 +37,12 @@ def pipe():
     return tiny_pipeline()
 
 
-@pytest.fixture(scope="module")
-def scorer(reference_dir):
+@pytest.fixture(scope="module", params=list(SCORE_RANGES))
+def scorer(request):
     # Its own scorer: rewards freeze the model in place, which must not leak into the shared fixtures.
+    if request.param == "qrealign":
+        return tiny_qrealign_scorer()
+    reference_dir = request.getfixturevalue("reference_dir")
     return ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
 
 
@@ -130,19 +141,26 @@ def test_best_of_n_to_folder_writes_images_scores_and_contact_sheet(pipe, scorer
     assert sheet.shape[1] == 3 * 256 and (caption_strip < 128).any()
 
 
-def test_best_of_n_command_line(pipe, reference_dir, tmp_path):
+def test_best_of_n_command_line(pipe, scorer, request, tmp_path):
     from artquant.cli import main as cli_main
 
+    if scorer.preset.family == "qwen_vl":
+        model = ["--model", str(QREALIGN_TINY), "--preset", QREALIGN_PRESET]
+    else:
+        model = ["--model", str(request.getfixturevalue("reference_dir") / "artquant_lora")]
     pipe.save_pretrained(tmp_path / "pipeline")
     code = cli_main(
         ["best-of-n", "--pipeline", str(tmp_path / "pipeline"), "--prompt", "a cat", "--n", "2", "--out", str(tmp_path / "out"),
          "--steps", "2", "--height", str(SIZE), "--width", str(SIZE), "--negative-prompt", "blurry",
-         "--model", str(reference_dir / "artquant_lora"), "--device", "cpu", "--dtype", "fp32"]
+         *model, "--device", "cpu", "--dtype", "fp32"]
     )  # fmt: skip
     assert code == 0
     summary = json.loads((tmp_path / "out" / "scores.json").read_text())
-    assert [e["seed"] for e in sorted(summary["candidates"], key=lambda e: e["seed"])] == [0, 1]
+    candidates = sorted(summary["candidates"], key=lambda e: e["seed"])
+    assert [e["seed"] for e in candidates] == [0, 1]
     assert (tmp_path / "out" / "contact_sheet.png").is_file()
+    written = [Image.open(tmp_path / "out" / e["file"]) for e in candidates]  # scored by the preset asked for
+    assert [e["score"] for e in candidates] == pytest.approx([r.score for r in scorer.score(written)], abs=1e-5)
 
 
 def test_best_of_n_command_line_passes_pipeline_arguments_and_offloads(pipe, reference_dir, tmp_path):

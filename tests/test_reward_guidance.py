@@ -1,5 +1,6 @@
 """Reward guidance on every pipeline family (SD 1.x, SDXL, SD3, Flux; img2img and inpaint), its x0 table checked
-against each scheduler's own forward process, its gradient checked against finite differences, and its refusals."""
+against each scheduler's own forward process, its gradient checked against finite differences, and its refusals;
+guided sampling and the gradients through the decode also with the tiny Q-ReAlign scorer as the reward."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from reward_tiny_pipelines import (
     tiny_sd3,
     tiny_sd_img2img,
     tiny_sd_inpaint,
+    tiny_qrealign_scorer,
     tiny_sdxl,
 )
 
@@ -167,6 +169,35 @@ def test_guided_samples_score_higher_with_the_same_seeds(reward, case):
     torch.testing.assert_close(reward(generate(pipe, family))[0], plain, atol=1e-6, rtol=0)
 
 
+# Step sizes for the tiny Q-ReAlign reward (scores 0..1, ArtQuant's 1..10), chosen on these tiny random models: small
+# enough that the samplers still respond about linearly to the nudges (the tiny SD3 and Flux transformers turn larger
+# ones into unrelated images), larger where a nudge of that size hardly moves the result (Euler a re-noises).
+QREALIGN_SCALES = {
+    "sd (DDIM)": 3.0, "sd (Euler a)": 30.0, "sdxl (Euler)": 30.0, "sdxl (DPM++)": 30.0, "sd3": 3.0, "flux": 3.0,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qrealign_reward():
+    return ArtQuantReward(tiny_qrealign_scorer())
+
+
+@pytest.mark.parametrize("case", list(GUIDED_CASES))
+def test_qrealign_guided_samples_score_higher_with_the_same_seeds(qrealign_reward, case):
+    family, build, _ = GUIDED_CASES[case]
+    scale = QREALIGN_SCALES[case]
+    pipe = build()
+    with torch.no_grad():  # the float reward: 8-bit rounding moves the tiny scorer about as much as this guidance
+        plain = qrealign_reward.differentiable(generate(pipe, family))
+    guidance = RewardGuidance(qrealign_reward, scale=scale, start=STEPS // 2)
+    with guidance.attached(pipe), torch.no_grad():
+        guided = qrealign_reward.differentiable(generate(pipe, family))
+    assert [step.step for step in guidance.trace] == [3, 4, 5]
+    assert all(0 < step.reward < 1 for step in guidance.trace)  # Q-ReAlign's scale
+    assert guided.mean() > plain.mean() + 5e-4  # 1e-3 to 7e-3 here; the tiny scorer's scores span ~0.03
+    assert (guided > plain).sum() >= 3
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_guidance_outside_its_step_range_changes_nothing(reward, family):
     pipe = BUILDERS[family]()
@@ -232,16 +263,36 @@ def test_inpaint_guides_with_4_and_9_channel_unets(reward, init_image, unet_chan
 # ----------------------------------------------------------------------------------------------------------------
 # d reward / d latents through the VAE decode, per family, against finite differences (float64)
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def float64_reward(reference_dir):
-    scorer = ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
+# Per scorer: how far the decode is shrunk into (-1, 1) (rather than clamped: a clamp's kinks would break the finite
+# differences; Qwen's bicubic upscaling of the 16 x 16 decode clamps its own overshoot at [0, 1], hence a quarter),
+# the step, whether the random direction has unit length, and the tolerance.
+#   ArtQuant: its float32 steps leave ~2e-7 of noise in a score and the derivatives are curved: a step of 3e-3
+#     keeps both errors near 3e-5.
+#   Q-ReAlign: Qwen3.5 keeps its gated delta rule's decay in float32 (~1e-6 of noise in a double score) and the tiny
+#     model is more curved: a step of 1e-3; along the gradient the signal dwarfs the noise, along a random unit
+#     direction the derivative (~5e-3) is checked to that noise.
+DECODE_GRADIENT_CHECKS = {
+    "artquant": dict(shrink=2, step=3e-3, unit_random=False, rel=1e-2, abs=5e-5),
+    "qrealign": dict(shrink=4, step=1e-3, unit_random=True, rel=2e-2, abs=2e-3),
+}
+
+
+@pytest.fixture(scope="module", params=list(DECODE_GRADIENT_CHECKS))
+def float64_reward(request) -> tuple[str, ArtQuantReward]:
+    if request.param == "qrealign":
+        scorer = tiny_qrealign_scorer()
+    else:
+        reference_dir = request.getfixturevalue("reference_dir")
+        scorer = ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
     scorer.model.double()
     scorer.dtype = torch.float64
-    return ArtQuantReward(scorer, gradient_checkpointing=False)
+    return request.param, ArtQuantReward(scorer, gradient_checkpointing=False)
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_reward_gradient_through_the_decode_matches_finite_differences(float64_reward, family):
+    scorer_name, reward = float64_reward
+    check = DECODE_GRADIENT_CHECKS[scorer_name]
     pipe = BUILDERS[family]()
     pipe.vae.double()
     generator = torch.Generator().manual_seed(1)
@@ -254,20 +305,20 @@ def test_reward_gradient_through_the_decode_matches_finite_differences(float64_r
 
     def reward_of(x):
         images = decode_latents(pipe, x, grid)  # these random VAEs decode to within (-2, 2)
-        # Halved rather than clamped into [-1, 1]: a clamp's kinks would break the finite differences.
-        return float64_reward.differentiable(images / 2, value_range=(-1, 1)).sum()
+        return reward.differentiable(images / check["shrink"], value_range=(-1, 1)).sum()
 
     x = latents.clone().requires_grad_(True)
     (gradient,) = torch.autograd.grad(reward_of(x), x)
-    assert gradient.abs().sum() > 0
-    # Along the gradient itself (a strong signal) and along a random direction. The scorer's float32 steps leave
-    # ~2e-7 of noise in a score and the derivatives are curved: a step of 3e-3 keeps both errors near 3e-5.
-    directions = [gradient / gradient.norm(), torch.randn(shape, generator=generator, dtype=torch.float64)]
-    step = 3e-3
+    assert torch.isfinite(gradient).all() and gradient.norm() > 1e-2  # far above the noise of either scorer
+    # Along the gradient itself (a strong signal) and along a random direction.
+    random = torch.randn(shape, generator=generator, dtype=torch.float64)
+    directions = [gradient / gradient.norm(), random / random.norm() if check["unit_random"] else random]
+    step = check["step"]
     for direction in directions:
         with torch.no_grad():
             difference = (reward_of(latents + step * direction) - reward_of(latents - step * direction)) / (2 * step)
-        assert float(difference) == pytest.approx(float((gradient * direction).sum()), rel=1e-2, abs=5e-5)
+        expected = float((gradient * direction).sum())
+        assert float(difference) == pytest.approx(expected, rel=check["rel"], abs=check["abs"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

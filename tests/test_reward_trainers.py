@@ -1,6 +1,7 @@
 """The RL-trainer adapters, each driven by the calling lines of the trainer it serves (written here from reading
 ddpo-pytorch, flow_grpo, Flow-Factory and trl; none of their code is imported), plus the bad-input table of every
-reward entry point and the per-thread device rule."""
+reward entry point and the per-thread device rule. Each runs on the ArtQuant fixture (mPLUG-Owl2) and on the tiny
+Q-ReAlign checkpoint (Qwen3.5-VL)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from artquant import ArtQuantScorer
+from artquant import ArtQuantScorer, CheckpointError
 from artquant.reward import (
     ArtQuantReward,
     FlowFactoryReward,
@@ -25,12 +26,16 @@ from artquant.reward import (
 )
 from artquant.reward import functions as reward_functions
 from PIL import Image
+from reward_tiny_pipelines import QREALIGN_PRESET, QREALIGN_TINY, SCORE_RANGES, score_range, tiny_qrealign_scorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def scorer(reference_dir):
+@pytest.fixture(scope="module", params=list(SCORE_RANGES))
+def scorer(request):
+    if request.param == "qrealign":
+        return tiny_qrealign_scorer()
+    reference_dir = request.getfixturevalue("reference_dir")
     return ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
 
 
@@ -112,7 +117,7 @@ def test_a_nan_image_gets_the_fallback_and_its_group_keeps_finite_advantages(sco
     broken[2, 1, 5, 5] = float("nan")  # as an fp16 VAE overflow leaves it
     reward_fn = flow_grpo_reward("cpu", scorer=scorer)
     rewards, metadata = reward_fn(broken, PROMPTS, METADATA, only_strict=True)
-    assert rewards["avg"][2] == 1.0 and "NaN" in metadata["artquant_errors"][2]  # ArtQuant's lowest score
+    assert rewards["avg"][2] == score_range(scorer)[0] and "NaN" in metadata["artquant_errors"][2]  # the lowest score
     np.testing.assert_allclose(np.delete(rewards["avg"], 2), np.delete(expected.numpy(), 2), atol=1e-5)
     # flow_grpo's group advantage: (r - mean) / (std + 1e-4), finite for everyone.
     group = torch.as_tensor(rewards["avg"])
@@ -137,7 +142,8 @@ def test_flow_factory_builds_and_calls_the_pointwise_model(scorer, images, expec
         batch_input = {k: v for k, v in batch_input.items() if k in set(signature.parameters.keys())}
     output = model(**batch_input)
     rewards = torch.as_tensor(output.rewards if hasattr(output, "rewards") else output, device="cpu", dtype=torch.float32)
-    torch.testing.assert_close(rewards, (expected - 1) / 9, atol=1e-5, rtol=0)
+    low, high = score_range(scorer)
+    torch.testing.assert_close(rewards, (expected - low) / (high - low), atol=1e-5, rtol=0)
     assert output.extra_info["errors"] == [None] * 4 and model.required_fields == ("image", "prompt")
 
 
@@ -293,7 +299,7 @@ def test_differentiable_keeps_the_others_gradients_when_one_image_is_nan(scorer,
     pixels[1, 2, 3, 3] = float("nan")
     pixels.requires_grad_(True)
     rewards = ArtQuantReward(scorer, errors=errors).differentiable(pixels)
-    assert torch.isnan(rewards[1]) if errors == "nan" else rewards[1] == 1.0
+    assert torch.isnan(rewards[1]) if errors == "nan" else rewards[1] == score_range(scorer)[0]
     assert torch.isfinite(rewards[[0, 2, 3]]).all()
     rewards[[0, 2, 3]].sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad[0].abs().sum() > 0 and pixels.grad[1].abs().sum() == 0
@@ -322,7 +328,7 @@ def test_bad_arguments_raise_clear_errors(scorer, call, message):
 
 def test_a_meta_tensor_batch_gives_one_error_per_image(scorer):
     rewards, info = ArtQuantReward(scorer, errors="fallback")(torch.empty(3, 3, 8, 8, device="meta"))
-    assert rewards.tolist() == [1.0, 1.0, 1.0] and len(info["errors"]) == 3 and all(info["errors"])
+    assert rewards.tolist() == [score_range(scorer)[0]] * 3 and len(info["errors"]) == 3 and all(info["errors"])
 
 
 def test_integer_and_bool_batches_give_one_result_per_image(scorer, images, expected):
@@ -331,3 +337,78 @@ def test_integer_and_bool_batches_give_one_result_per_image(scorer, images, expe
     torch.testing.assert_close(rewards, expected, atol=1e-5, rtol=0)
     rewards, info = ArtQuantReward(scorer, errors="nan")(torch.zeros(4, 3, 8, 8, dtype=torch.bool))
     assert rewards.shape == (4,) and all(info["errors"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer loading through each reward entry point: a checkpoint of the other family, or arguments a preset cannot use
+# ----------------------------------------------------------------------------------------------------------------
+def _build(entry: str, **scorer_kwargs):
+    scorer_kwargs = dict(scorer_kwargs, dtype=torch.float32)
+    if entry == "artquant_reward":
+        return artquant_reward(device="cpu", **scorer_kwargs)
+    if entry == "flow_grpo_score":
+        return flow_grpo_score("cpu", **scorer_kwargs)
+    if entry == "flow_grpo_reward":
+        return flow_grpo_reward("cpu", **scorer_kwargs)
+    dtype = scorer_kwargs.pop("dtype")
+    return FlowFactoryReward(SimpleNamespace(device="cpu", dtype=dtype, extra_kwargs=scorer_kwargs), None)
+
+
+def _mplug_config_only(folder):
+    (folder / "config.json").write_text('{"model_type": "mplug_owl2", "architectures": ["MPLUGOwl2LlamaForCausalLM"]}')
+    return folder
+
+
+LOADING_ERRORS = [
+    ("Q-ReAlign preset on an mPLUG-Owl2 checkpoint",
+     lambda tmp: dict(model=_mplug_config_only(tmp), preset=QREALIGN_PRESET),
+     CheckpointError, "not a Qwen-VL model: pass a Q-ReAlign checkpoint"),
+    ("ArtQuant preset on a Q-ReAlign checkpoint", lambda tmp: dict(model=QREALIGN_TINY, preset="artquant"),
+     CheckpointError, "choose a qrealign-* preset"),
+    ("Q-ReAlign preset with a base", lambda tmp: dict(model=QREALIGN_TINY, base=tmp, preset="qrealign-lite-aesthetics"),
+     ValueError, "`base` is not used: leave it out"),
+    ("unknown Q-ReAlign size", lambda tmp: dict(model=QREALIGN_TINY, preset="qrealign-huge-quality"),
+     ValueError, "choose one of artquant"),
+]  # fmt: skip
+
+
+ENTRIES = ["artquant_reward", "flow_grpo_score", "flow_grpo_reward", "FlowFactoryReward"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize(("case", "arguments", "error", "message"), LOADING_ERRORS, ids=[c[0] for c in LOADING_ERRORS])
+def test_scorer_loading_errors_say_what_to_do(tmp_path, entry, case, arguments, error, message):
+    with pytest.raises(error, match=message.replace("*", r"\*")):
+        _build(entry, **arguments(tmp_path))
+
+
+def _call(entry: str, built, images: torch.Tensor) -> torch.Tensor:
+    """Rewards [B] from what `_build` made, called as its trainer calls it."""
+    if entry == "FlowFactoryReward":
+        pils = [Image.fromarray(a) for a in (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
+        return built(list(PROMPTS), pils).rewards
+    scores = built(images, PROMPTS, METADATA)[0]
+    return torch.as_tensor(scores["avg"] if entry == "flow_grpo_reward" else scores)
+
+
+@pytest.fixture(scope="module")
+def qrealign_task_scores(images) -> dict[str, torch.Tensor]:
+    """Each Q-ReAlign task's scores of the 8-bit `images`, straight from a scorer built for its preset."""
+    pixels = list((images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return {
+        preset: torch.tensor([r.score for r in ArtQuantScorer.from_pretrained(
+            QREALIGN_TINY, preset=preset, device="cpu", dtype="fp32").score(pixels)])
+        for preset in ("qrealign-mini-quality", "qrealign-pro-aesthetics")
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("preset", ["qrealign-mini-quality", "qrealign-pro-aesthetics"])
+def test_every_entry_point_loads_a_qrealign_preset_by_name(images, qrealign_task_scores, entry, preset):
+    """Any size and task, by name (the tiny checkpoint stands in for the released weights): each entry point scores
+    with that preset's prompt, on its 0..1 scale."""
+    quality, aesthetics = qrealign_task_scores.values()
+    assert (quality - aesthetics).abs().min() > 1e-4  # the two prompts score differently: the check can tell
+    rewards = _call(entry, _build(entry, model=QREALIGN_TINY, preset=preset), images).float()
+    torch.testing.assert_close(rewards, qrealign_task_scores[preset], atol=1e-5, rtol=0)
+    assert ((rewards >= 0) & (rewards <= 1)).all()
