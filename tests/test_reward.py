@@ -274,3 +274,18 @@ def test_gradient_checkpointing_saves_less_and_gives_the_same_gradients(request,
 def test_differentiable_rejects_bad_input(scorer, images, message):
     with pytest.raises(ValueError, match=message):
         ArtQuantReward(scorer).differentiable(images, value_range=(-1, 1))
+
+
+@pytest.mark.parametrize("family", list(SCORE_RANGES))
+def test_gradient_checkpointing_refuses_a_scorer_with_active_dropout(request, family):
+    """Checkpointing runs the scorer in training mode, where dropout would make rewards random. Q-ReAlign's dropout
+    rate sits in a nested text config, which only its attention layers carry as `attention_dropout`."""
+    scorer = fresh_scorer(request, family)
+    ArtQuantReward(scorer).differentiable(torch.rand(1, 3, 32, 32))  # none by default: accepted
+    scorer = fresh_scorer(request, family)
+    attention = next(m for m in scorer.model.modules() if isinstance(getattr(m, "attention_dropout", None), float))
+    attention.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="active dropout; pass gradient_checkpointing=False"):
+        ArtQuantReward(scorer).differentiable(torch.rand(1, 3, 32, 32))
+    rewards = ArtQuantReward(scorer, gradient_checkpointing=False).differentiable(torch.rand(1, 3, 32, 32))
+    assert torch.isfinite(rewards).all()
