@@ -2,9 +2,10 @@
 
 Lifetime is ComfyUI's: the ARTQUANT_MODEL a loader outputs lives in ComfyUI's node cache, and this module keeps only
 weak references to the weights, so "Free model and node cache" frees them. Loaders that differ only in the preset
-share one copy of the weights (the preset is applied at scoring time); a checkpoint folder whose files changed loads
-anew. ComfyUI is optional: inside it the network is wrapped in a `ModelPatcher` and loaded with `load_models_gpu`
-(so ComfyUI can offload it when other models need the memory); elsewhere the scorer stays where it was loaded.
+share one copy of the weights (the preset is applied at scoring time) when the presets are of the checkpoint's family
+(mPLUG-Owl2: ArtQuant, DeQA-Score, OneAlign; Qwen-VL: Q-ReAlign); a checkpoint folder whose files changed loads anew.
+ComfyUI is optional: inside it the network is wrapped in a `ModelPatcher` and loaded with `load_models_gpu` (so
+ComfyUI can offload it when other models need the memory); elsewhere the scorer stays where it was loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..scorer import ArtQuantScorer, CheckpointError, get_preset
+from ..scorer import PRESETS, ArtQuantScorer, CheckpointError, get_preset
 from ..scorer.checkpoint import LoadedCheckpoint
 
 log = logging.getLogger("artquant")
@@ -152,14 +153,38 @@ class ArtQuantNetwork(torch.nn.Module):
         self.device = device
 
 
+def mplug_owl2_image_tokens(config, image_config, height: int, width: int) -> tuple[int, int]:
+    """Every image is cropped to one square (plus the class token); the abstractor hands the LLM a fixed number."""
+    return (image_config.crop_size // config.vision_config.patch_size) ** 2 + 1, config.num_visual_tokens
+
+
+def qwen_vl_image_tokens(config, image_config, height: int, width: int) -> tuple[int, int]:
+    """The image keeps about its area within the pixel budget; merge x merge patches become one LLM token."""
+    pixels = min(max(height * width, image_config.min_pixels), image_config.max_pixels)
+    vision_tokens = pixels // image_config.patch_size**2
+    return vision_tokens, vision_tokens // image_config.merge_size**2
+
+
+# A preset family -> (vision-tower tokens, LLM image tokens) of one height x width image: the only sizes the families'
+# configs do not name alike (transformers maps the rest: `get_text_config()`, the vision config's attribute_map).
+IMAGE_TOKENS = {"mplug_owl2": mplug_owl2_image_tokens, "qwen_vl": qwen_vl_image_tokens}
+TYPICAL_IMAGE_SIZE = (1024, 1024)  # what the estimate assumes when the images' size is not known yet
+PROMPT_TOKENS = 64  # the prompt around the image is a few dozen tokens
+
+
+def family_presets(family: str) -> str:
+    return ", ".join(name for name, preset in PRESETS.items() if preset.family == family)
+
+
 class LoadedWeights:
-    """One loaded checkpoint: the network, tokenizer and preprocessing (shared by every preset) and, inside ComfyUI,
-    its ModelPatcher. Quantised (bitsandbytes) weights cannot move between devices, so their patcher offloads to the
-    device they sit on: ComfyUI still counts their memory but never tries to move them."""
+    """One loaded checkpoint: the network, tokenizer and preprocessing (shared by every preset of its family) and,
+    inside ComfyUI, its ModelPatcher. Quantised (bitsandbytes) weights cannot move between devices, so their patcher
+    offloads to the device they sit on: ComfyUI still counts their memory but never tries to move them."""
 
     def __init__(self, scorer: ArtQuantScorer, quantized: bool, name: str):
         self.checkpoint = LoadedCheckpoint(scorer.model, scorer.tokenizer, scorer.image_config, scorer.source)
         self.device, self.dtype, self.quantized, self.name = scorer.device, scorer.dtype, quantized, name
+        self.family = scorer.preset.family
         self.patcher = self._make_patcher()
 
     def _make_patcher(self):
@@ -173,18 +198,28 @@ class LoadedWeights:
 
     def scorer(self, preset: str) -> ArtQuantScorer:
         """A scorer for `preset` on these weights (cheap: only the prompt is tokenised). Its token-id tensors are made
-        outside inference mode, so the guidance node can differentiate through it."""
+        outside inference mode, so the guidance node can differentiate through it. A preset of another model family
+        than the weights' is refused (CheckpointError)."""
+        chosen = get_preset(preset)
+        if chosen.family != self.family:
+            raise CheckpointError(
+                f"{self.name} is loaded as a {self.family} model, but the {chosen.name} preset is of family "
+                f"{chosen.family}: choose one of {family_presets(self.family)} for it, or load a {chosen.family} "
+                f"checkpoint (such as {chosen.model_id}) for {chosen.name}."
+            )
         with torch.inference_mode(False):
-            return ArtQuantScorer(self.checkpoint, get_preset(preset), self.device, self.dtype)
+            return ArtQuantScorer.from_checkpoint(self.checkpoint, chosen, self.device, self.dtype)
 
-    def memory_required(self, batch: int, keep_graph: bool = False) -> int:
-        """Bytes of activations to reserve beyond the weights for `batch` images (the scoring forward has no KV cache;
-        `keep_graph`: every layer's activations are kept for a backward pass, as guidance needs)."""
+    def memory_required(self, batch: int, keep_graph: bool = False, image_size: tuple[int, int] | None = None) -> int:
+        """Bytes of activations to reserve beyond the weights for `batch` images of `image_size` (height, width;
+        default TYPICAL_IMAGE_SIZE; only Qwen-VL's token count depends on it). The scoring forward has no KV cache;
+        `keep_graph`: every layer's activations are kept for a backward pass, as guidance needs."""
         config = self.checkpoint.model.config
-        vision, text = config.vision_config, config
+        vision, text = config.vision_config, config.get_text_config()
         element = torch.finfo(self.dtype).bits // 8
-        image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        text_tokens = config.num_visual_tokens + 64  # the prompt is a few dozen tokens
+        image_tokens, llm_image_tokens = IMAGE_TOKENS[self.family](config, self.checkpoint.image_config,
+                                                                    *(image_size or TYPICAL_IMAGE_SIZE))
+        text_tokens = llm_image_tokens + PROMPT_TOKENS
         vision_layer = image_tokens * (vision.hidden_size * 4 + vision.intermediate_size) + vision.num_attention_heads * image_tokens**2
         text_layer = text_tokens * (text.hidden_size * 4 + text.intermediate_size * 3) + text.num_attention_heads * text_tokens**2
         per_image = (vision_layer + text_layer) * element
@@ -238,14 +273,15 @@ class ArtQuantModel:
     def patcher(self):
         return self.weights.patcher
 
-    def ready(self, batch: int = 1, keep_graph: bool = False) -> ArtQuantScorer:
-        """The scorer with its weights on the compute device and room reserved for `batch` images (ComfyUI may have
-        offloaded the weights since the last run)."""
+    def ready(self, batch: int = 1, keep_graph: bool = False,
+              image_size: tuple[int, int] | None = None) -> ArtQuantScorer:
+        """The scorer with its weights on the compute device and room reserved for `batch` images of `image_size`
+        (height, width) (ComfyUI may have offloaded the weights since the last run)."""
         if self.patcher is not None:
             # Full load: the network's plain torch layers cannot run with weights left on the offload device.
-            comfy_module("comfy.model_management").load_models_gpu(
-                [self.patcher], memory_required=self.weights.memory_required(batch, keep_graph), force_full_load=True
-            )
+            memory = self.weights.memory_required(batch, keep_graph, image_size)
+            model_management = comfy_module("comfy.model_management")
+            model_management.load_models_gpu([self.patcher], memory_required=memory, force_full_load=True)
         return self.scorer
 
 

@@ -82,14 +82,18 @@ class ArtQuantLoader(io.ComfyNode):
         return schema(
             node_id="ArtQuantLoader",
             display_name="Load ArtQuant model",
-            description="Loads an ArtQuant (or DeQA-Score / OneAlign) scorer. One copy of the weights per checkpoint, "
-            "dtype and device is shared by every preset; ComfyUI moves it to and from the GPU like its other models "
-            "and frees it with 'Free model and node cache'. Checkpoint folders go into models/artquant/.",
+            description="Loads an ArtQuant (or DeQA-Score / OneAlign / Q-ReAlign) scorer. One copy of the weights "
+            "per checkpoint, dtype and device is shared by every preset of its model family; ComfyUI moves it to and "
+            "from the GPU like its other models and frees it with 'Free model and node cache'. Checkpoint folders go "
+            "into models/artquant/.",
             inputs=[
                 io.Combo.Input("preset", options=list(PRESETS), default="artquant",
-                               tooltip="Question, level words and weights (applied at scoring time; the weights are shared)."),
+                               tooltip="Question, level words and weights (applied at scoring time; the weights "
+                               "are shared). qrealign-* presets need a Q-ReAlign (Qwen3.5-VL) checkpoint, the others "
+                               "an mPLUG-Owl2 one."),
                 io.Combo.Input("model", options=local or [NO_LOCAL_MODEL],
-                               tooltip="A checkpoint folder in models/artquant/ (full model or ArtQuant LoRA release)."),
+                               tooltip="A checkpoint folder in models/artquant/ (full model, ArtQuant LoRA "
+                               "release or Q-ReAlign model)."),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="auto: bf16 on a GPU (fp16 without bf16), fp32 on the CPU."),
                 io.Combo.Input("device", options=devices(), default="auto", tooltip="auto: ComfyUI's compute device."),
@@ -124,7 +128,8 @@ class ArtQuantScore(io.ComfyNode):
         return schema(
             node_id="ArtQuantScore",
             display_name="Score images (ArtQuant)",
-            description="Scores every image of the batch (1 bad .. 10 excellent for ArtQuant), with its uncertainty (std).",
+            description="Scores every image of the batch (1 bad .. 10 excellent for ArtQuant, 0 .. 1 for Q-ReAlign), "
+            "with its uncertainty (std).",
             inputs=[
                 ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
                 io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
@@ -202,8 +207,9 @@ class ArtQuantFilter(io.ComfyNode):
             inputs=[
                 ArtQuantModelType.Input("artquant_model", tooltip=MODEL_TOOLTIP),
                 io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
-                io.Float.Input("threshold", default=6.0, min=SCORE_LOW, max=SCORE_HIGH, step=0.1,
-                               tooltip="Minimum score to keep, inside the preset's range (ArtQuant 1 .. 10, DeQA-Score 1 .. 5)."),
+                io.Float.Input("threshold", default=6.0, min=SCORE_LOW, max=SCORE_HIGH, step=0.01,
+                               tooltip="Minimum score to keep, inside the preset's range (ArtQuant 1 .. 10, DeQA-Score "
+                               "and OneAlign 1 .. 5, Q-ReAlign 0 .. 1)."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="Images with score >= threshold, in batch order (skipped downstream when none pass)."),
@@ -260,11 +266,18 @@ class ArtQuantScoreOverlay(io.ComfyNode):
         return io.NodeOutput(overlay_scores(artquant_model, images))
 
 
+def decoded_size(vae, latent_shape) -> tuple[int, int]:
+    """(height, width) of the images the VAE decodes from latents of `latent_shape` [B, C, h, w]."""
+    ratio = vae.spacial_compression_decode()
+    return latent_shape[-2] * ratio, latent_shape[-1] * ratio
+
+
 def guided_chunk(vae, artquant_model: ArtQuantModel, latent_shape, device) -> int:
     """How many images to differentiate at once: what ComfyUI says is free, over one image's decode+score with the
     graph kept (roughly three inference decodes)."""
     one = [1, *latent_shape[1:]]
-    per_image = 3 * vae.memory_used_decode(one, vae.vae_dtype) + artquant_model.weights.memory_required(1, keep_graph=True)
+    scoring = artquant_model.weights.memory_required(1, keep_graph=True, image_size=decoded_size(vae, latent_shape))
+    per_image = 3 * vae.memory_used_decode(one, vae.vae_dtype) + scoring
     return max(1, min(latent_shape[0], int(comfy.model_management.get_free_memory(device) // per_image)))
 
 
@@ -316,7 +329,7 @@ class ArtQuantGuidance(io.ComfyNode):
             chunk = guided_chunk(vae, artquant_model, denoised.shape, denoised.device)
             # Both on their device before the step, so nothing moves their weights while autograd borrows them.
             comfy.model_management.load_models_gpu([vae.patcher], force_full_load=vae.disable_offload)
-            scorer = artquant_model.ready(chunk, keep_graph=True)
+            scorer = artquant_model.ready(chunk, keep_graph=True, image_size=decoded_size(vae, denoised.shape))
             guidance = RewardGuidance(
                 decode=lambda latent: vae.decode(base_model.process_latent_out(latent)).movedim(-1, 1),
                 reward=lambda images: scorer.score_tensor(images).scores,

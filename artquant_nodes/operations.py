@@ -17,6 +17,7 @@ from ..scorer import ImageInputError, ImageScore, Preset, load_images
 from .model_handle import ArtQuantModel, comfy_module
 
 FP16_VAE_HINT = "NaN pixels usually come from a VAE decoding in fp16: try --fp32-vae."
+DESCRIBE_ERROR = "[error: "  # how `describe` marks an image it could not use, in place of its text
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -61,11 +62,12 @@ def progress_reporter(total: int):
 def score_images(model: ArtQuantModel, images: torch.Tensor, batch_size: int = 8) -> list[ImageScore]:
     """One ImageScore per image of a ComfyUI batch; raises (naming every bad image) if any image cannot be scored."""
     check_images(images)
-    scorer = model.ready(min(batch_size, len(images)))
+    scorer = model.ready(min(batch_size, len(images)), image_size=tuple(images.shape[1:3]))
     results = scorer.score(images, batch_size=batch_size, layout="BHWC", progress=progress_reporter(len(images)))
     failures = [f"image {i}: {r.error}" for i, r in enumerate(results) if not r.ok]
-    if failures:  # the model itself failed (e.g. NaN logits): never pass NaN on as a score
-        raise ValueError("The scorer failed on " + " ".join(failures) + " Check the checkpoint and dtype (try fp32).")
+    if failures:  # the model's preprocessing refused an image, or the model failed (NaN): never pass NaN on as a score
+        raise ValueError("The scorer failed on " + " ".join(failures) + " Fix those images if the message names a "
+                         "problem with them; else check the checkpoint and dtype (try fp32).")
     return results
 
 
@@ -165,14 +167,17 @@ def describe_images(model: ArtQuantModel, images: torch.Tensor, max_new_tokens: 
     """The descriptions of a batch (one paragraph per image); raises on bad images like the scoring nodes.
     `check_cancel` (default: ComfyUI's Cancel) is called between tokens and raises to stop."""
     check_images(images)
-    scorer = model.ready(1)
+    scorer = model.ready(1, image_size=tuple(images.shape[1:3]))
     advance = progress_reporter(len(images))
     check_cancel = check_cancel or interrupt_check()
     extra = {"stopping_criteria": cancel_criteria(check_cancel)} if check_cancel is not None else {}
     texts = []
-    for image in images:  # one at a time: the progress bar moves per image
-        texts.extend(scorer.describe(image[None], question=question.strip() or None, max_new_tokens=max_new_tokens,
-                                     layout="BHWC", **extra))
+    for index, image in enumerate(images):  # one at a time: the progress bar moves per image
+        (text,) = scorer.describe(image[None], question=question.strip() or None, max_new_tokens=max_new_tokens,
+                                  layout="BHWC", **extra)
+        if text.startswith(DESCRIBE_ERROR):  # the model's preprocessing refused it: raise, as the scoring nodes do
+            raise ValueError(f"image {index} cannot be described: {text[len(DESCRIBE_ERROR):-1]} Fix or remove it.")
+        texts.append(text)
         advance(1)
     if len(texts) == 1:
         return texts[0]

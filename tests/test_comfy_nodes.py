@@ -1,8 +1,9 @@
 """The logic below the ComfyUI nodes, called as the nodes call it, without ComfyUI (CI has none): model lifetime and
 sharing, scoring/ranking/filtering/describing IMAGE batches [B, H, W, 3] in [0, 1], and the reward guidance step.
 
-The V3 node classes themselves, the memory management and the guided samplers run in a real ComfyUI in
-test_comfy_integration.py.
+The node paths run on two model families: ArtQuant's LoRA release (mPLUG-Owl2) and the tiny Q-ReAlign checkpoint
+(Qwen3.5-VL, scores 0 .. 1). The V3 node classes themselves, the memory management and the guided samplers run in a
+real ComfyUI in test_comfy_integration.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from artquant.artquant_nodes import guidance, model_handle
-from artquant.artquant_nodes.model_handle import WEIGHTS, ArtQuantModel, folder_fingerprint, load_model
+from artquant.artquant_nodes.model_handle import IMAGE_TOKENS, WEIGHTS, ArtQuantModel, folder_fingerprint, load_model
 from artquant.artquant_nodes.operations import (
     check_images,
     check_threshold,
@@ -32,8 +33,11 @@ from artquant.artquant_nodes.operations import (
     score_images,
     score_report,
 )
-from artquant.scorer import PRESETS, ArtQuantScorer, CheckpointError
+from artquant.scorer import PRESETS, ArtQuantScorer, CheckpointError, ImageProcessingConfig
+from artquant.scorer.qwen_vl import QwenImageConfig
 from PIL import Image
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast and sums in a fixed order
 
 
 def comfy_image(path) -> torch.Tensor:
@@ -42,9 +46,23 @@ def comfy_image(path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255)[None]
 
 
+SCORERS = {"artquant": "lora_scorer", "qrealign-mini-quality": "qrealign_scorer"}  # preset -> conftest fixture
+
+
+@pytest.fixture(scope="module", params=list(SCORERS))
+def scorer(request) -> ArtQuantScorer:
+    """Each node path runs on ArtQuant (mPLUG-Owl2 LoRA release) and on Q-ReAlign (tiny Qwen3.5-VL)."""
+    return request.getfixturevalue(SCORERS[request.param])
+
+
 @pytest.fixture(scope="module")
-def handle(lora_scorer) -> ArtQuantModel:
-    return ArtQuantModel.from_scorer(lora_scorer)
+def handle(scorer) -> ArtQuantModel:
+    return ArtQuantModel.from_scorer(scorer)
+
+
+@pytest.fixture(scope="module")
+def qrealign_handle(qrealign_scorer) -> ArtQuantModel:
+    return ArtQuantModel.from_scorer(qrealign_scorer)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +71,18 @@ def batch16() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def batch16_scores(lora_scorer, batch16) -> list[float]:
-    return [r.score for r in lora_scorer.score(batch16, layout="BHWC")]
+def batch16_scores(scorer, batch16) -> list[float]:
+    return [r.score for r in scorer.score(batch16, layout="BHWC")]
+
+
+@pytest.fixture(scope="module")
+def reference_scores(scorer, request) -> tuple[list[Path], list[float]]:
+    """(images, the golden scores of `scorer`'s preset on them): the fixture's for ArtQuant, the authors' code's for
+    Q-ReAlign."""
+    if scorer.preset.family == "qwen_vl":
+        paths = request.getfixturevalue("qrealign_images")
+        return paths, [request.getfixturevalue("qrealign_golden")["scores"]["quality"][p.name] for p in paths]
+    return request.getfixturevalue("reference_images"), request.getfixturevalue("golden")["lora_scores"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,6 +123,17 @@ def test_presets_share_one_copy_of_the_weights_and_score_as_if_loaded_with_them(
     assert load_model(str(release_copy), None, "artquant", "fp16", "cpu").weights is not artquant.weights  # dtype: own copy
 
 
+def test_qrealign_presets_share_one_copy_and_score_as_the_authors_code(qrealign_dir, qrealign_images, qrealign_golden):
+    quality = load_model(str(qrealign_dir), None, "qrealign-mini-quality", "fp32", "cpu")
+    aesthetics = load_model(str(qrealign_dir), None, "qrealign-mini-aesthetics", "fp32", "cpu")
+    assert aesthetics.weights is quality.weights and aesthetics.scorer.model is quality.scorer.model
+    images = qrealign_images[:2]
+    for model, task in ((quality, "quality"), (aesthetics, "aesthetics")):
+        got = [score_images(model, comfy_image(path))[0].score for path in images]
+        np.testing.assert_allclose(got, [qrealign_golden["scores"][task][p.name] for p in images], atol=1e-4)
+        assert all(0.0 <= s <= 1.0 for s in got)
+
+
 def test_the_cache_never_keeps_weights_alive(release_copy):
     model = load_model(str(release_copy), None, "artquant", "fp32", "cpu")
     held = len(WEIGHTS)
@@ -124,6 +163,29 @@ def test_memory_required_grows_with_the_batch_and_the_kept_graph(handle):
     assert handle.weights.memory_required(1, keep_graph=True) > one
 
 
+def test_memory_required_follows_the_image_size_where_the_token_count_does(handle):
+    small, large = (handle.weights.memory_required(1, image_size=size) for size in ((64, 64), (2048, 2048)))
+    grows = handle.scorer.preset.family == "qwen_vl"  # dynamic resolution; mPLUG-Owl2 crops every image to one size
+    assert (large > small) if grows else (large == small)
+
+
+@pytest.mark.parametrize(
+    ("family", "image_config", "size", "tokens"),
+    [
+        # mPLUG-Owl2: 448 px crop / 14 px patches = 1024 + the class token; the abstractor gives 64 queries + vit_eos.
+        ("mplug_owl2", ImageProcessingConfig(), (1024, 768), (1025, 65)),
+        ("mplug_owl2", ImageProcessingConfig(), (64, 64), (1025, 65)),
+        # Qwen3.5-VL: 16 px patches, 2 x 2 merged into one LLM token (one per 32 x 32 pixels), within the pixel budget.
+        ("qwen_vl", QwenImageConfig(), (1024, 1024), (4096, 1024)),
+        ("qwen_vl", QwenImageConfig(), (64, 64), (256, 64)),  # raised to min_pixels (256 x 256)
+        ("qwen_vl", QwenImageConfig(max_pixels=512 * 512), (2048, 2048), (1024, 256)),
+    ],
+)
+def test_image_tokens_of_each_family(family, image_config, size, tokens):
+    config = type("Config", (), {"num_visual_tokens": 65, "vision_config": type("Vision", (), {"patch_size": 14})})
+    assert IMAGE_TOKENS[family](config, image_config, *size) == tokens
+
+
 def test_outside_comfyui_there_is_no_patcher_and_ready_returns_the_scorer(handle):
     assert handle.patcher is None and handle.ready(4) is handle.scorer
 
@@ -142,20 +204,74 @@ def test_missing_models_raise_clear_errors(tmp_path, model, message):
         load_model(model_handle.resolve_checkpoint(model.format(tmp=tmp_path)), None, "artquant", "fp32", "cpu")
 
 
-def test_checkpoint_lists_tell_full_checkpoints_from_lora_releases(reference_dir, tmp_path):
+def test_checkpoint_lists_tell_full_checkpoints_from_lora_releases(reference_dir, qrealign_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     for name in ("artquant_lora", "mplug_owl2_base"):
         (tmp_path / name).symlink_to(reference_dir / name, target_is_directory=True)
-    assert model_handle.checkpoint_folders([tmp_path]) == ["artquant_lora", "mplug_owl2_base"]
-    assert model_handle.checkpoint_folders([tmp_path], full_only=True) == ["mplug_owl2_base"]
+    (tmp_path / "Q-ReAlign-Mini").symlink_to(qrealign_dir, target_is_directory=True)
+    assert model_handle.checkpoint_folders([tmp_path]) == ["Q-ReAlign-Mini", "artquant_lora", "mplug_owl2_base"]
+    assert model_handle.checkpoint_folders([tmp_path], full_only=True) == ["Q-ReAlign-Mini", "mplug_owl2_base"]
+    assert model_handle.resolve_checkpoint(str(tmp_path / "Q-ReAlign-Mini")) == str(tmp_path / "Q-ReAlign-Mini")
+
+
+@pytest.fixture
+def qrealign_copy(tmp_path, qrealign_dir):
+    return Path(shutil.copytree(qrealign_dir, tmp_path / "qrealign_tiny"))
+
+
+@pytest.mark.parametrize(
+    ("model", "preset", "base", "message"),
+    [
+        ("qrealign", "artquant", None, r"not mplug_owl2.*choose a qrealign-\* preset"),
+        ("qrealign", "deqa-score", None, r"not mplug_owl2.*choose a qrealign-\* preset"),
+        ("release", "qrealign-mini-quality", None, "not a Qwen-VL model.*choose a preset of its family"),
+        ("base", "qrealign-lite-aesthetics", None, "not a Qwen-VL model.*choose a preset of its family"),
+        ("qrealign", "qrealign-mini-quality", "base", "`base` is not used: leave it out"),
+        ("qrealign without preprocessor_config.json", "qrealign-mini-quality", None,
+         "preprocessor_config.json.*download the whole checkpoint again"),
+        ("qrealign without chat_template.jinja", "qrealign-mini-quality", None, "has no chat template"),
+        ("qrealign", "qrealign-max-quality", None, "Unknown preset 'qrealign-max-quality'; choose one of"),
+    ],
+)
+def test_a_preset_of_another_family_than_the_checkpoint_is_a_clear_error(release_copy, qrealign_copy, model, preset,
+                                                                        base, message):
+    folders = {"qrealign": qrealign_copy, "release": release_copy, "base": release_copy.parent / "mplug_owl2_base"}
+    folder = folders[model.split()[0]]
+    if " without " in model:
+        (folder / model.split(" without ")[1]).unlink()
+    with pytest.raises((CheckpointError, ValueError), match=message):
+        load_model(str(folder), str(folders[base]) if base else None, preset, "fp32", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("loaded", "preset", "message"),
+    [
+        ("qrealign-mini-quality", "artquant", "qrealign_tiny is loaded as a qwen_vl model, but the artquant preset is "
+         "of family mplug_owl2: choose one of qrealign-mini-quality, qrealign-mini-aesthetics, .*qrealign-pro-aesthetics "
+         r"for it, or load a mplug_owl2 checkpoint \(such as Liuuuu123/ArtQuant\)"),
+        ("artquant", "qrealign-pro-quality", "artquant_lora is loaded as a mplug_owl2 model, but the qrealign-pro-quality "
+         "preset is of family qwen_vl: choose one of artquant, deqa-score, onealign-quality, onealign-aesthetics for it"),
+    ],
+)
+def test_loaded_weights_are_never_shared_with_a_preset_of_another_family(release_copy, qrealign_copy, loaded, preset,
+                                                                          message):
+    folder = qrealign_copy if PRESETS[loaded].family == "qwen_vl" else release_copy
+    held = load_model(str(folder), None, loaded, "fp32", "cpu")  # the copy another loader would share
+    with pytest.raises(CheckpointError, match=message):
+        load_model(str(folder), None, preset, "fp32", "cpu")
+    with pytest.raises(CheckpointError, match=message):
+        held.weights.scorer(preset)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Scoring, ranking (best-of-N), filtering, describing
 # ------------------------------------------------------------------------------------------------------------------
-def test_scores_equal_the_reference(handle, reference_images, golden):
-    scores = [score_images(handle, comfy_image(path))[0].score for path in reference_images]
-    np.testing.assert_allclose(scores, golden["lora_scores"], atol=1e-4)
+def test_scores_equal_the_reference(handle, reference_scores):
+    paths, expected = reference_scores
+    scores = [score_images(handle, comfy_image(path))[0].score for path in paths]
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    low, high = handle.scorer.preset.score_range
+    assert all(low <= s <= high for s in scores)
 
 
 def test_scores_do_not_depend_on_the_batch(handle, batch16, batch16_scores):
@@ -169,7 +285,7 @@ def test_scores_do_not_depend_on_the_batch(handle, batch16, batch16_scores):
 def test_report_has_a_line_per_image_and_the_model_answer(handle, batch16, batch16_scores):
     report = score_report(score_images(handle, batch16[:3]))
     assert report.count("\n") == 3 and f"{batch16_scores[2]:.3f}" in report
-    assert report.splitlines()[0].endswith(tuple(f"({word})" for word in PRESETS["artquant"].level_names))
+    assert report.splitlines()[0].endswith(tuple(f"({word})" for word in handle.scorer.preset.level_names))
 
 
 def test_rank_orders_best_first_and_keeps_each_latent_with_its_noise_index(handle, batch16, batch16_scores):
@@ -207,7 +323,11 @@ def test_filter_keeps_images_at_or_above_the_threshold():
 
 
 @pytest.mark.parametrize(("preset", "threshold", "ok"), [("artquant", 1.0, True), ("artquant", 10.0, True),
-                                                          ("artquant", 0.5, False), ("deqa-score", 6.0, False)])
+                                                          ("artquant", 0.5, False), ("deqa-score", 6.0, False),
+                                                          ("qrealign-mini-quality", 0.0, True),
+                                                          ("qrealign-pro-aesthetics", 1.0, True),
+                                                          ("qrealign-mini-quality", 6.0, False),
+                                                          ("qrealign-lite-quality", -0.01, False)])
 def test_threshold_must_lie_in_the_presets_score_range(preset, threshold, ok):
     if ok:
         check_threshold(threshold, PRESETS[preset])
@@ -270,6 +390,17 @@ def test_bad_images_raise_naming_every_bad_image_on_every_node_path(handle, imag
             path()
 
 
+def test_an_image_qwen_vl_refuses_is_named_on_every_node_path(qrealign_handle):
+    thin = torch.rand(2, 2, 500, 3, generator=torch.Generator().manual_seed(0))  # 250 times wider than high
+    refused = "the image is 500 x 2, more than 200 times longer than wide, which Qwen-VL models do not take: crop it"
+    for path in (lambda: score_images(qrealign_handle, thin), lambda: rank_batch(qrealign_handle, thin, 1),
+                 lambda: overlay_scores(qrealign_handle, thin)):
+        with pytest.raises(ValueError, match=f"The scorer failed on image 0: .*{refused}.* image 1: .*Fix those images"):
+            path()
+    with pytest.raises(ValueError, match=f"image 0 cannot be described: .*{refused}"):
+        describe_images(qrealign_handle, thin, max_new_tokens=2)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Reward guidance (the step the ArtQuant Guidance node runs at each guided sampler step)
 # ------------------------------------------------------------------------------------------------------------------
@@ -307,18 +438,25 @@ def test_guidance_differentiates_weights_made_in_inference_mode_and_puts_them_ba
     assert decode.weight is original and decode.weight.is_inference()
 
 
-def test_guidance_through_the_real_scorer_raises_the_score(lora_scorer):
+# A step length in the first-order range of each tiny random model: the tiny Q-ReAlign's score is so curved (a step of
+# 1e-3 along its gradient already changes it 1.7 times as much as the gradient predicts) that longer steps overshoot.
+GUIDANCE_SCALES = {"artquant": 0.2, "qrealign-mini-quality": 1e-4}
+
+
+def test_guidance_through_the_real_scorer_raises_the_score(scorer):
     projection = torch.nn.Conv2d(4, 3, 1)
-    torch.nn.init.normal_(projection.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    torch.nn.init.normal_(projection.weight, std=0.5, generator=seeded)
+    torch.nn.init.normal_(projection.bias, std=0.5, generator=seeded)
 
     def decode(latent):  # a stand-in VAE: 4-channel latents at 1/8 size -> RGB in [0, 1]
         return torch.sigmoid(torch.nn.functional.interpolate(projection(latent), scale_factor=8, mode="bilinear"))
 
     def reward(images):
-        return lora_scorer.score_tensor(images).scores
+        return scorer.score_tensor(images).scores
 
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    moved = guidance.RewardGuidance(decode, reward, scale=0.2, chunk=2)(latent)
+    moved = guidance.RewardGuidance(decode, reward, scale=GUIDANCE_SCALES[scorer.preset.name], chunk=2)(latent)
     with torch.no_grad():
         assert (reward(decode(moved)) > reward(decode(latent))).all()
 
