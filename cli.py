@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import json
 import math
@@ -16,27 +17,39 @@ RESULT_FIELDS = ("path", "score", "std", "error")
 DTYPE_HELP = "auto (default: bf16 on a GPU, fp32 on the CPU), fp32/float32, fp16/float16 or bf16/bfloat16"
 COMPILE_HELP = "torch.compile the vision tower and the LLM's layers (minutes at start; pays off over many batches on a GPU)"
 MAX_PIXELS_HELP = "refuse (as a per-image error) images with more pixels (default: PIL's bomb limit, 178956970)"
+DEFAULT_PRESET = "artquant"
+# Written out because reading PRESETS imports torch, which `--help` must not; tests/test_cli.py checks it is complete.
+PRESET_HELP = ("artquant (default, 1..10), deqa-score, onealign-quality, onealign-aesthetics (1..5), "
+               "qrealign-{mini,lite,pro}-{quality,aesthetics} (Q-ReAlign on Qwen3.5-VL, 0..1)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint folder or Hugging Face id (default: the preset's)")
     parser.add_argument("--base", help="base model for a LoRA release (default: the release's, else the preset's)")
-    parser.add_argument("--preset", default="artquant", help="artquant (default), deqa-score, onealign-quality, onealign-aesthetics")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, type=_preset_name, help=PRESET_HELP)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", type=_dtype_name, help=DTYPE_HELP)
 
 
-def _dtype_name(text: str) -> str:
-    """A --dtype value, checked by the core's parser, so the CLI takes exactly what `from_pretrained` takes."""
-    if text == "auto":  # argparse converts the default too: no need to import torch for it
-        return text
-    from .scorer.checkpoint import parse_dtype
+def _checked_by_core(default: str, module: str, parser: str):
+    """An argparse type: a value checked by the core's own parser, so the CLI takes exactly what `from_pretrained`
+    takes, and refuses anything else with the core's message. The default is taken unchecked: argparse converts it
+    on every run, and the core (torch) must not be imported for it."""
 
-    try:
-        parse_dtype(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    def checked(text: str) -> str:
+        if text == default:
+            return text
+        try:
+            getattr(importlib.import_module(module, __package__), parser)(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return checked
+
+
+_dtype_name = _checked_by_core("auto", ".scorer.checkpoint", "parse_dtype")
+_preset_name = _checked_by_core(DEFAULT_PRESET, ".scorer.presets", "get_preset")
 
 
 def _positive_int(text: str) -> int:
@@ -60,14 +73,21 @@ def _batch_size(text: str) -> int | str:
 def _load_scorer(args):
     from .scorer import ArtQuantScorer
 
-    return ArtQuantScorer.from_pretrained(
-        args.model, base=args.base, preset=args.preset, dtype=args.dtype, device=args.device,
-        compile=getattr(args, "compile", False),
-    )
+    try:
+        return ArtQuantScorer.from_pretrained(
+            args.model, base=args.base, preset=args.preset, dtype=args.dtype, device=args.device,
+            compile=getattr(args, "compile", False),
+        )
+    except ValueError as error:  # arguments that do not go together (e.g. --base with a Q-ReAlign preset)
+        raise UsageError(str(error)) from None
 
 
 class OutputError(Exception):
     """An output file that cannot be used (wrong suffix, unwritable, locked by another run): exit code 2."""
+
+
+class UsageError(Exception):
+    """Arguments the model loader refuses together (the message says which): exit code 2."""
 
 
 def _shown(text: str) -> str:
@@ -420,7 +440,7 @@ def command_best_of_n(args) -> int:
 
 def command_score_ray(args) -> int:
     """`score --engine ray`: the same scores on Ray Data, into a folder of Parquet files (resumable)."""
-    from .serve.dataset import DatasetSourceError, score_dataset
+    from .serve.dataset import score_dataset
 
     if not args.out or Path(args.out).suffix != ".parquet":
         raise SystemExit("--engine ray writes Parquet: pass --out scores.parquet (a folder of Parquet files).")
@@ -431,7 +451,7 @@ def command_score_ray(args) -> int:
             batch_size=args.batch_size, actors=args.actors, image_column=args.image_column, key_column=args.key_column,
             max_pixels=max_pixels,
         )
-    except DatasetSourceError as error:
+    except ValueError as error:  # a source that cannot be scored, or options that do not go together (DatasetSourceError)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
@@ -519,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True,
                           help="JSON list of {image, gt_score}, the reference's score JSON, or CSV/JSONL of image, score")
     evaluate.add_argument("--score-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                          help="the data's score scale when it is not ArtQuant's 1..10 (rescaled linearly)")
+                          help="the data's score scale when it is not the preset's (1..10 for artquant, 0..1 for qrealign-*); rescaled linearly")
     evaluate.add_argument("--image-folder", default="", help="folder the data's image paths are relative to")
     evaluate.add_argument("--out", default="artquant-eval", help="folder for report.json, scatter.png, histogram.png")
     evaluate.add_argument("--batch-size", type=int, default=8)
@@ -577,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         # A CheckpointError can only come from the scorer, so commands that never load it (report) never import it.
         scorer = sys.modules.get(f"{__package__}.scorer")
-        if isinstance(error, OutputError) or (scorer is not None and isinstance(error, scorer.CheckpointError)):
+        if isinstance(error, (OutputError, UsageError)) or (scorer is not None and isinstance(error, scorer.CheckpointError)):
             print(f"error: {error}", file=sys.stderr)
             return 2
         raise

@@ -1,13 +1,15 @@
 """Dataset scoring on Ray Data: image folders, Parquet with image bytes, WebDataset tars, Hugging Face datasets.
 
 Pipeline: sources -> rows (key, encoded image, error) -> decode and preprocess to the model's `pixel_values` on CPU
-tasks -> score on model actors (one per GPU, one on the CPU when there is none) -> Parquet files written as batches
+tasks (each row's as safetensors bytes: a fixed-size tensor for mPLUG-Owl2, patches of its own count and their grid
+for Qwen-VL) -> score on model actors (one per GPU, one on the CPU when there is none) -> Parquet files written as batches
 finish. The output is a folder of Parquet files; a rerun reads the keys already there and skips them, and deletes a
 file a kill left half-written, so a killed run loses at most the batches in flight and no key is written twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable
@@ -182,19 +184,33 @@ def _errors(column) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in column]
 
 
+def _pixel_tensors(pixel_values) -> dict:
+    """One image's `pixel_values` as named tensors: the tensor itself (mPLUG-Owl2), or the fields of a dataclass of
+    tensors (Qwen-VL's patches and patch grid)."""
+    if dataclasses.is_dataclass(pixel_values):
+        return {field.name: getattr(pixel_values, field.name).contiguous() for field in dataclasses.fields(pixel_values)}
+    return {"pixel_values": pixel_values.contiguous()}
+
+
+def _pixel_values(tensors: dict, like):
+    """`_pixel_tensors` undone, for pixel values of the kind `like` is."""
+    return type(like)(**tensors) if dataclasses.is_dataclass(like) else tensors["pixel_values"]
+
+
 def preprocess_rows(batch: dict, image_config, max_pixels: int | None = None) -> dict:
-    """Encoded bytes -> the model's `pixel_values` (float32 [3, S, S]), on CPU workers; failures become errors.
+    """Encoded bytes -> each image's `pixel_values` (`image_config.pixel_values`), on CPU workers, stored as
+    safetensors bytes (any shape, no pickle, bit-exact); failures become errors, with null pixel values.
 
     Decoded by the core's own per-image loader, so an image over `max_pixels` (checked from its header, before any
     pixel is decoded) or one PIL cannot read gets the same error message as in `artquant score`, and preprocessed by
-    the core's `pixel_values_from_images` with the checkpoint's `image_config`, bit for bit as in `artquant score`.
-    A failed row holds zeros, which keeps the column rectangular; the actors never score it."""
+    the checkpoint's `image_config`, bit for bit as in `artquant score`."""
+    from safetensors.torch import save
+
     from ..scorer.images import DEFAULT_MAX_PIXELS, load_image_or_error
-    from ..scorer.preprocessing import pixel_values_from_images, preprocessing_failure
+    from ..scorer.preprocessing import preprocessing_failure
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    size = image_config.crop_size
-    pixels = np.zeros((len(batch["key"]), 3, size, size), np.float32)
+    pixels: list[bytes | None] = [None] * len(batch["key"])
     errors = _errors(batch["error"])
     for i, (key, data) in enumerate(zip(batch["key"], batch["image"])):
         if errors[i] is not None:
@@ -204,10 +220,10 @@ def preprocess_rows(batch: dict, image_config, max_pixels: int | None = None) ->
             errors[i] = str(loaded)
             continue
         try:
-            pixels[i] = pixel_values_from_images(loaded[None], image_config)[0].numpy()
+            pixels[i] = save(_pixel_tensors(image_config.pixel_values(loaded[None])))
         except Exception as error:  # noqa: BLE001 - as in the core: whatever breaks on one image stays with it
             errors[i] = preprocessing_failure(key, error)
-    return {"key": batch["key"], "pixel_values": pixels, "error": np.array(errors, dtype=object)}
+    return {"key": batch["key"], "pixel_values": np.array(pixels, dtype=object), "error": np.array(errors, dtype=object)}
 
 
 class ScoringActor:
@@ -220,12 +236,17 @@ class ScoringActor:
 
     def __call__(self, batch: dict) -> dict:
         import torch
+        from safetensors.torch import load
 
         from ..scorer.preprocessing import PixelBatch
 
         keys, errors = [str(key) for key in batch["key"]], _errors(batch["error"])
-        valid = [i for i, error in enumerate(errors) if error is None]
-        pixel_values = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"][valid])) if valid else None
+        config = self.scorer.image_config
+        # The kind of pixel values this checkpoint takes (a tensor, or a dataclass of tensors), to rebuild them as.
+        like = config.pixel_values(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+        parts = [_pixel_values(load(batch["pixel_values"][i]), like) for i, error in enumerate(errors) if error is None]
+        # The core's own collation: a batch exactly as `artquant score` builds it from the same images.
+        pixel_values = config.collate(parts) if parts else None
         # The core's own batch scoring: errors kept per row, a non-finite output an error row, never a score.
         results = self.scorer.score_pixel_batch(PixelBatch(keys, errors, pixel_values))
         names = self.scorer.preset.level_names
@@ -289,6 +310,9 @@ def score_dataset(
     if out.exists() and not out.is_dir():
         raise DatasetSourceError(f"{out} is a file; --out names a folder of Parquet files (it is created).")
     plan = plan_sources(sources, image_column, key_column)
+    from ..scorer import ArtQuantScorer  # the checkpoint's preprocessing, read here without loading the model
+
+    image_config = ArtQuantScorer.load_image_config(model, base, preset)  # a bad checkpoint is refused before Ray
     done, broken = written_keys(out)
     for file in broken:  # written by a killed run: its rows are scored again
         file.unlink()
@@ -299,9 +323,6 @@ def score_dataset(
         return summary
     gpus = int(ray.cluster_resources().get("GPU", 0))
     scorer_options = {"model": model, "base": base, "preset": preset, "dtype": dtype}
-    from ..scorer import ArtQuantScorer  # the checkpoint's preprocessing, read here without loading the model
-
-    image_config = ArtQuantScorer.load_image_config(model, base, preset)
     # Blocks of one batch each: every finished batch is written as its own file, so a kill loses only those in flight.
     rows = rows.repartition(target_num_rows_per_block=batch_size)
     scored = rows.map_batches(

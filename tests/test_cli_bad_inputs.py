@@ -50,6 +50,41 @@ def test_a_bad_out_is_refused_before_the_model_loads(tmp_path, folder, capsys, o
     assert fragment in capsys.readouterr().err
 
 
+# Models and presets that do not go together: each refused with exit 2 and the core's (or training's) message.
+QREALIGN = ["--preset", "qrealign-mini-quality"]
+MODEL_ROWS = [
+    (["score", "{images}", "--model", "{qrealign}"], "describes a model of type 'qwen3_5', not mplug_owl2"),
+    (["score", "{images}", "--model", "{mplug}", *QREALIGN], "describes a model of type 'mplug_owl2', not a Qwen-VL"),
+    (["score", "{images}", "--model", "{qrealign}", "--base", "{mplug}", *QREALIGN], "`base` is not used: leave it out"),
+    (["score", "--engine", "ray", "{images}", "--out", "{tmp}/s.parquet", "--model", "{qrealign}", "--base", "{mplug}",
+      *QREALIGN], "`base` is not used: leave it out"),
+    (["describe", "{images}", "--model", "{qrealign}", "--base", "{mplug}", *QREALIGN], "`base` is not used"),
+    (["eval", "--data", "{tmp}/eval.json", "--out", "{tmp}/eval", "--model", "{qrealign}", "--base", "{mplug}",
+      *QREALIGN], "`base` is not used: leave it out"),
+    (["convert", "--out", "{tmp}/merged", "--model", "{mplug}", *QREALIGN], "not a Qwen-VL model"),
+    (["score", "{images}", "--preset", "qrealign-tiny"], "Unknown preset 'qrealign-tiny'; choose one of artquant,"),
+    (["train", "{tmp}/train.yaml", "base_model=qrealign-mini-quality"],
+     "is a qwen_vl model (the qrealign-mini-quality preset's); artquant train reproduces ArtQuant's RAD fine-tuning"),
+    (["train", "{tmp}/train.yaml", "base_model=q-future/Q-ReAlign-Pro-9B"], "Q-ReAlign (Qwen-VL) models are fine-tuned"),
+    (["train", "{tmp}/train.yaml", "base_model={qrealign}"], "is a model of type 'qwen3_5'; artquant train reproduces"),
+]
+
+
+@pytest.mark.parametrize("arguments, fragment", MODEL_ROWS)
+def test_models_and_presets_that_do_not_go_together(arguments, fragment, folder, tmp_path, reference_dir, qrealign_dir,
+                                                    capsys, caplog):
+    (tmp_path / "train.yaml").write_text("data: [scores.csv]\n")
+    (tmp_path / "eval.json").write_text(json.dumps([{"image": str(folder / "camera.png"), "gt_score": 0.5}]))
+    places = {"images": folder, "qrealign": qrealign_dir, "mplug": reference_dir / "mplug_owl2_base", "tmp": tmp_path}
+    try:
+        code = main([argument.format(**places) for argument in arguments])
+    except SystemExit as exit:  # argparse refuses a value itself
+        code = exit.code
+    assert code == 2
+    assert fragment in capsys.readouterr().err + caplog.text
+    assert not (tmp_path / "s.parquet").exists() and not (tmp_path / "merged").exists()
+
+
 def test_max_pixels_must_be_positive(folder, capsys):
     assert main(["score", str(folder), "--max-pixels", "0", "--model", "x"]) == 2
     assert "--max-pixels must be at least 1" in capsys.readouterr().err

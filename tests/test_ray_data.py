@@ -207,29 +207,84 @@ def test_max_pixels_refuses_only_the_image_over_it_with_the_core_message(referen
         assert abs(total - 1) < 1e-5
 
 
-def test_cpu_stage_makes_the_models_pixel_values_and_the_actor_scores_them_as_the_core(reference_dir, base_scorer, lora_scorer, one_thread):
-    """The CPU stage reads the preprocessing without the model and gives the core's `pixel_values`; the actor's
-    scores (through `score_pixel_batch`) are `score`'s, bad rows stay error rows."""
+def test_the_cpu_stage_reads_the_preprocessing_without_the_model(reference_dir, base_scorer, lora_scorer, qrealign_dir,
+                                                                 qrealign_scorer):
     from artquant import ArtQuantScorer
+
+    for model, scorer in ((reference_dir / "mplug_owl2_base", base_scorer), (reference_dir / "artquant_lora", lora_scorer),
+                          (qrealign_dir, qrealign_scorer)):
+        assert ArtQuantScorer.load_image_config(model, preset=scorer.preset) == scorer.image_config
+
+
+@pytest.fixture(params=["artquant", "qrealign-mini-quality"])
+def stage_scorer(request, one_thread):
+    """A scorer of either family: mPLUG-Owl2 (fixed-size pixel values) or Q-ReAlign (per-image patch counts)."""
+    return request.getfixturevalue("base_scorer" if request.param == "artquant" else "qrealign_scorer")
+
+
+def test_cpu_stage_makes_the_models_pixel_values_and_the_actor_scores_them_as_the_core(stage_scorer):
+    """The CPU stage gives each row the core's `pixel_values` bit for bit (any shape: Qwen-VL's patch counts differ
+    per image); the actor rebuilds the batch with the core's collation and scores it as `score` does, bad rows stay
+    error rows."""
+    import torch
+    from safetensors.torch import load
+
     from artquant.scorer.preprocessing import iter_pixel_batches
     from artquant.serve.dataset import ScoringActor, preprocess_rows
 
-    for folder, scorer in (("mplug_owl2_base", base_scorer), ("artquant_lora", lora_scorer)):
-        assert ArtQuantScorer.load_image_config(reference_dir / folder) == scorer.image_config
     rng = np.random.default_rng(3)
     images = [_encoded(rng, i)[1] for i in range(5)] + [b"garbage"]
     keys = np.array([f"k{i}" for i in range(6)], dtype=object)
-    batch = {"key": keys, "image": np.array(images, dtype=object), "error": np.array([None] * 5 + [None], dtype=object)}
+    batch = {"key": keys, "image": np.array(images, dtype=object), "error": np.array([None] * 6, dtype=object)}
     batch["error"][2] = "k2: no image"
-    rows = preprocess_rows(batch, base_scorer.image_config)
-    size = base_scorer.image_config.crop_size
-    assert rows["pixel_values"].dtype == np.float32 and rows["pixel_values"].shape == (6, 3, size, size)
-    core = iter_pixel_batches([images[0]], base_scorer.image_config, 1, workers=1)
-    assert np.array_equal(rows["pixel_values"][0], next(core).pixel_values[0].numpy())  # bit for bit the core's
-    expected = base_scorer.score([Image.open(io.BytesIO(images[i])) for i in (0, 1, 3, 4)], batch_size=4)
+    config = stage_scorer.image_config
+    rows = preprocess_rows(batch, config)
+    assert rows["pixel_values"][2] is None and rows["pixel_values"][5] is None
+    for i in (0, 1, 3, 4):
+        core = next(iter_pixel_batches([images[i]], config, 1, workers=1)).pixel_values
+        stored = load(rows["pixel_values"][i])
+        expected = vars(core) if not isinstance(core, torch.Tensor) else {"pixel_values": core}
+        assert stored.keys() == expected.keys()
+        assert all(torch.equal(stored[name], expected[name]) for name in stored)  # bit for bit the core's
+    expected = stage_scorer.score([Image.open(io.BytesIO(images[i])) for i in (0, 1, 3, 4)], batch_size=4)
     actor = ScoringActor.__new__(ScoringActor)
-    actor.scorer = base_scorer
+    actor.scorer = stage_scorer
     table = actor(rows).to_pydict()
     assert table["error"][2] == "k2: no image" and "k5: not an image PIL can read" in table["error"][5]
     assert np.isnan(table["score"][2]) and np.isnan(table["score"][5])
     np.testing.assert_allclose([table["score"][i] for i in (0, 1, 3, 4)], [r.score for r in expected], atol=1e-5, rtol=0)
+
+
+def test_qrealign_preset_on_ray_matches_artquant_score(qrealign_dir, qrealign_images, tmp_path):
+    """`score --engine ray` with a Q-ReAlign preset: images of different sizes (so different patch counts) in one
+    batch, a broken file as an error row, and the scores `artquant score` writes for the same folder."""
+    from artquant.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in qrealign_images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = ["--model", str(qrealign_dir), "--preset", "qrealign-mini-aesthetics", "--dtype", "fp32"]
+    local = tmp_path / "local.jsonl"
+    assert main(["score", str(folder), *model, "--device", "cpu", "--out", str(local), "--quiet", "--batch-size", "3"]) == 1
+    expected = {row["path"]: row for row in map(json.loads, local.read_text().splitlines())}
+
+    out, log = tmp_path / "scores.parquet", tmp_path / "run.log"
+    process = start_cli(["score", "--engine", "ray", str(folder), "--out", str(out), *model, "--batch-size", "4"], log,
+                        ray_free_env())
+    try:
+        wait_for(lambda: process.poll() is not None, 300, "the run to finish", process, None)
+    finally:
+        kill_session(process)
+    assert process.returncode == 1 and "scored 6 image(s), 1 failed" in log.read_text(), log.read_text()
+    table = pq.read_table(out).to_pylist()
+    assert sorted(row["key"] for row in table) == sorted(expected)
+    for row in table:
+        want = expected[row["key"]]
+        if want["error"] is not None:
+            assert row["error"] == want["error"] and np.isnan(row["score"])
+            continue
+        assert row["error"] is None
+        for column in ("score", "std", "p_excellent", "p_good", "p_fair", "p_poor", "p_bad"):
+            assert row[column] == pytest.approx(want[column], abs=1e-5), column

@@ -31,16 +31,11 @@ MAX_PIXELS = 1_000_000
 TOLERANCE = 1e-4  # batches of other shapes than the golden run's
 
 
-@pytest.fixture(scope="module")
-def server(reference_dir, tmp_path_factory):
+def _serving(arguments: list[str], log: Path) -> tuple[str, subprocess.Popen]:
+    """`artquant serve ARGUMENTS` on a free loopback port with the test token, once it answers /health: (url, process).
+    The caller stops the process."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = [
-        "serve", "--model", str(reference_dir / "mplug_owl2_base"), "--dtype", "fp32", "--port", str(port),
-        "--max-batch-size", "16", "--batch-wait-timeout", "0.25", "--max-ongoing-requests", "8",
-        "--max-queued-requests", "4", "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS),
-    ]
-    process = start_cli(args, log, ray_free_env(ARTQUANT_SERVE_TOKEN=TOKEN))
+    process = start_cli(["serve", *arguments, "--port", str(port)], log, ray_free_env(ARTQUANT_SERVE_TOKEN=TOKEN))
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -52,6 +47,22 @@ def server(reference_dir, tmp_path_factory):
 
     try:
         wait_for(healthy, 240, "the server to answer /health", process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def server(reference_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = [
+        "--model", str(reference_dir / "mplug_owl2_base"), "--dtype", "fp32",
+        "--max-batch-size", "16", "--batch-wait-timeout", "0.25", "--max-ongoing-requests", "8",
+        "--max-queued-requests", "4", "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS),
+    ]
+    url, process = _serving(args, log)
+    try:
         yield {"url": url, "process": process, "log": log}
     finally:
         stop(process)
@@ -230,3 +241,31 @@ def test_serve_refuses_to_bind_beyond_loopback_without_a_token(monkeypatch, caps
     monkeypatch.delenv("ARTQUANT_SERVE_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 2  # refused before Ray or the model start
     assert "--host 0.0.0.0 is reachable beyond this machine: set ARTQUANT_SERVE_TOKEN" in capsys.readouterr().err
+
+
+def test_a_qrealign_preset_is_served_in_batches_of_different_sized_images(qrealign_dir, qrealign_images, qrealign_golden,
+                                                                          tmp_path):
+    """A Q-ReAlign server (the tiny Qwen3.5-VL): /info gives its 0..1 scale; concurrent clients' images of different
+    sizes share model calls and get the authors' scores."""
+    args = ["--model", str(qrealign_dir), "--preset", "qrealign-mini-aesthetics", "--dtype", "fp32",
+            "--batch-wait-timeout", "0.25"]
+    url, process = _serving(args, tmp_path / "serve.log")
+    try:
+        info = RemoteReward(url, token=TOKEN).info()
+        assert info["preset"] == "qrealign-mini-aesthetics" and info["score_range"] == [0.0, 1.0]
+        assert info["level_weights"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+        images = [Image.open(path).convert("RGB") for path in qrealign_images]
+        start = threading.Barrier(3)
+
+        def client(k: int):
+            start.wait()
+            return RemoteReward(url, token=TOKEN, retries=2).score(images[2 * k : 2 * k + 2])
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(client, range(3)))
+        scores = [score for answer in answers for score in answer["scores"]]
+        expected = [qrealign_golden["scores"]["aesthetics"][path.name] for path in qrealign_images]
+        np.testing.assert_allclose(scores, expected, atol=TOLERANCE, rtol=0)
+        assert RemoteReward(url, token=TOKEN).info()["replica"]["largest_batch"] > 2  # clients' requests joined
+    finally:
+        stop(process)

@@ -208,4 +208,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingC
     config.output_dir = str(root / config.output_dir)
     if Path(root / config.base_model).exists():
         config.base_model = str(root / config.base_model)
+    _refuse_other_families(config.base_model)
     return config
+
+
+def _refuse_other_families(base_model: str) -> None:
+    """Training is ArtQuant's RAD recipe on mPLUG-Owl2: a base of another family (a Q-ReAlign preset, its model id
+    or a Qwen-VL checkpoint folder) is refused here, before any data or model is read."""
+    import json
+
+    from ..scorer.presets import PRESETS
+
+    preset = next((p for p in PRESETS.values() if base_model in (p.name, p.model_id)), None)
+    if preset is not None:
+        kind = None if preset.family == "mplug_owl2" else f"a {preset.family} model (the {preset.name} preset's)"
+    else:
+        try:
+            model_type = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):  # no such folder, or a broken file the loader explains
+            model_type = "mplug_owl2"
+        kind = None if model_type == "mplug_owl2" else f"a model of type {model_type!r}"
+    if kind is not None:
+        raise ConfigError(
+            f"base_model {base_model} is {kind}; artquant train reproduces ArtQuant's RAD fine-tuning on mPLUG-Owl2 "
+            f"and trains nothing else. Set base_model to an mPLUG-Owl2 checkpoint (default {TrainingConfig.base_model}); "
+            "Q-ReAlign (Qwen-VL) models are fine-tuned with their authors' toolkit (github.com/Q-Future/Q-ReAlign).")

@@ -16,7 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..scorer.levels import hard_label
-from .data import DataError, DatasetSpec, read_samples
+from ..scorer.presets import ARTQUANT, Preset, get_preset
+from .data import SCORE_SCALE, DataError, DatasetSpec, read_samples
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ def why_undefined(predicted, truth) -> str | None:
     return None
 
 
-def score_metrics(predicted, truth) -> dict:
-    """[N] predicted and human scores -> n, srcc, plcc, plcc_logistic, krcc, mae, mse, level_accuracy.
+def score_metrics(predicted, truth, preset: Preset = ARTQUANT) -> dict:
+    """[N] predicted and human scores, both on `preset`'s scale -> n, srcc, plcc, plcc_logistic, krcc, mae, mse,
+    level_accuracy (the level word of each score: at most a level's weight and above the next lower one's, as
+    ArtQuant's training answers).
 
     A metric that is undefined for these scores (correlations of fewer than 3 images or of constant scores,
     anything of no image) is None; `why_undefined` says why."""
@@ -78,13 +81,18 @@ def score_metrics(predicted, truth) -> dict:
     predicted, truth = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
     n = len(predicted)
     metrics = {"n": n, **dict.fromkeys(CORRELATIONS), "mae": None, "mse": None, "level_accuracy": None}
+    thresholds = sorted(preset.level_weights)[:-1]  # ArtQuant's (1, 3.5, 5, 7.5); Q-ReAlign's (0, 0.25, 0.5, 0.75)
+
+    def label(score: float) -> str:
+        return hard_label(score, preset.level_names, thresholds)
+
     if n == 0:
         return metrics
     metrics.update(
         mae=float(np.abs(predicted - truth).mean()),
         mse=float(((predicted - truth) ** 2).mean()),
         # The level word each score maps to under the training thresholds, predicted vs human.
-        level_accuracy=float(np.mean([hard_label(p) == hard_label(t) for p, t in zip(predicted, truth)])),
+        level_accuracy=float(np.mean([label(p) == label(t) for p, t in zip(predicted, truth)])),
     )
     if why_undefined(predicted, truth) is None:
         metrics.update(
@@ -97,8 +105,9 @@ def score_metrics(predicted, truth) -> dict:
 
 
 def evaluate_scorer(scorer, images: list[str], scores: list[float], batch_size: int = 8, progress: bool = True) -> dict:
-    """Scores `images` and compares them with `scores` -> {"metrics", "undefined" (why some metrics are None, or
-    None), "failed", "predictions"}. Unreadable images are left out and listed in "failed"."""
+    """Scores `images` and compares them with `scores` (on the scorer's preset's scale) -> {"metrics", "undefined"
+    (why some metrics are None, or None), "failed", "predictions"}. Unreadable images are left out and listed in
+    "failed"."""
     results = []
     if images:
         with tqdm(total=len(images), desc="eval", disable=not progress) as bar:
@@ -107,7 +116,7 @@ def evaluate_scorer(scorer, images: list[str], scores: list[float], batch_size: 
     kept = [(r, t) for r, t, ok in zip(results, scores, usable) if ok]
     predicted, truth = [r.score for r, _ in kept], [t for _, t in kept]
     return {
-        "metrics": score_metrics(predicted, truth),
+        "metrics": score_metrics(predicted, truth, scorer.preset),
         "undefined": why_undefined(predicted, truth),
         "failed": [{"image": str(r.source), "error": r.error or f"the model gave the score {r.score}"}
                    for r, ok in zip(results, usable) if not ok],
@@ -181,6 +190,14 @@ def scorer_for_network(network, checkpoint, device, preset: str = "artquant"):
     return ArtQuantScorer(loaded, get_preset(preset), device, dtype)
 
 
+def _on_scale(scores: list[float], scale: tuple[float, float]) -> list[float]:
+    """Scores on ArtQuant's 1..10 mapped linearly onto `scale` (unchanged when it is 1..10)."""
+    if tuple(scale) == tuple(SCORE_SCALE):
+        return scores
+    (low, high), (first, last) = scale, SCORE_SCALE
+    return [low + (score - first) * (high - low) / (last - first) for score in scores]
+
+
 def run_evaluation(
     model: str,
     data: str,
@@ -195,6 +212,7 @@ def run_evaluation(
     score_range: tuple[float, float] | None = None,
 ) -> int:
     """`artquant eval`: writes report.json (metrics, failures, per-image predictions) and the plots into `out`.
+    The data's scores are on `score_range` (default: the preset's scale) and compared on the preset's scale.
 
     Returns 0; 1 when the report is written but some image or record failed or a metric is undefined (the report
     says which and why); 2 when the data file or `out` cannot be used at all (the message is printed)."""
@@ -202,11 +220,14 @@ def run_evaluation(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = Path(out)
+    preset = get_preset(preset)
+    # The data is read onto ArtQuant's 1..10 (from --score-range, else from the preset's scale) and mapped back.
+    data_range = score_range or (preset.score_range if preset.score_range != SCORE_SCALE else None)
     try:
         if score_range is not None and not score_range[0] < score_range[1]:
             raise DataError(f"--score-range needs LOW < HIGH, got {score_range[0]:g} {score_range[1]:g}.")
         images, scores, unusable = read_scored_images(
-            DatasetSpec(path=data, image_folder=image_folder, score_range=score_range))
+            DatasetSpec(path=data, image_folder=image_folder, score_range=data_range))
     except DataError as error:
         logger.error("%s", error)
         return 2
@@ -217,8 +238,12 @@ def run_evaluation(
         logger.error("cannot write the report into %s (%s); choose another --out folder.", folder,
                      error.strerror or error)
         return 2
-    scorer = ArtQuantScorer.from_pretrained(model, base=base, preset=preset, device=device, dtype=dtype)
-    report = evaluate_scorer(scorer, images, scores, batch_size=batch_size)
+    try:
+        scorer = ArtQuantScorer.from_pretrained(model, base=base, preset=preset, device=device, dtype=dtype)
+    except ValueError as error:  # arguments that do not go together (e.g. --base with a Q-ReAlign preset)
+        logger.error("%s", error)
+        return 2
+    report = evaluate_scorer(scorer, images, _on_scale(scores, preset.score_range), batch_size=batch_size)
     report["failed"] = unusable + report["failed"]
     report["model"], report["data"] = str(model), str(data)
     write_report(report, folder / "report.json")
