@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ray_data.py                   # this CPU, the fixture's tiny model, 1,000 PNGs
     python benchmarks/bench_ray_data.py --images 5000 --model my_checkpoint/ --dtype bf16   # a GPU machine
+    python benchmarks/bench_ray_data.py --model tests/data/qrealign_tiny --preset qrealign-mini-quality   # Q-ReAlign
 
 Both are run as users run them (a fresh process each, wall clock including start-up: Ray's start and actor
 start-up are part of the cost), alternating, `--repeats` times; the scores of the two are compared too.
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--model", default=str(FIXTURE / "mplug_owl2_base"))
+    parser.add_argument("--preset", default="artquant")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -48,7 +50,8 @@ def main() -> None:
         folder.mkdir()
         for i in range(args.images):
             Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
-        common = [str(folder), "--model", args.model, "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+        common = [str(folder), "--model", args.model, "--preset", args.preset, "--dtype", args.dtype,
+                  "--batch-size", str(args.batch_size)]
         plain, ray = [], []
         for repeat in range(args.repeats):
             jsonl, parquet = Path(root, f"plain{repeat}.jsonl"), Path(root, f"ray{repeat}.parquet")
@@ -61,7 +64,7 @@ def main() -> None:
         table = pq.read_table(parquet).to_pydict()
         difference = max(abs(local[k] - s) for k, s in zip(table["key"], table["score"]))
     report = {
-        "images": args.images, "plain_s": statistics.median(plain), "ray_s": statistics.median(ray),
+        "preset": args.preset, "images": args.images, "plain_s": statistics.median(plain), "ray_s": statistics.median(ray),
         "plain_images_per_s": args.images / statistics.median(plain), "ray_images_per_s": args.images / statistics.median(ray),
         "ray_over_plain_time": statistics.median(ray) / statistics.median(plain), "largest_score_difference": difference,
     }

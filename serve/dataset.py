@@ -2,9 +2,10 @@
 
 Pipeline: sources -> rows (key, encoded image, error) -> decode and preprocess to the model's `pixel_values` on CPU
 tasks (each row's as safetensors bytes: a fixed-size tensor for mPLUG-Owl2, patches of its own count and their grid
-for Qwen-VL) -> score on model actors (one per GPU, one on the CPU when there is none) -> Parquet files written as batches
-finish. The output is a folder of Parquet files; a rerun reads the keys already there and skips them, and deletes a
-file a kill left half-written, so a killed run loses at most the batches in flight and no key is written twice.
+for Qwen-VL) -> score on model actors (one per GPU, one on the CPU when there is none) -> Parquet files written as
+batches finish. The output is a folder of Parquet files; a rerun reads the keys already there and skips them, and
+deletes a file a kill left half-written, so a killed run loses at most the batches in flight and no key is written
+twice.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def _pixel_tensors(pixel_values) -> dict:
     """One image's `pixel_values` as named tensors: the tensor itself (mPLUG-Owl2), or the fields of a dataclass of
     tensors (Qwen-VL's patches and patch grid)."""
     if dataclasses.is_dataclass(pixel_values):
-        return {field.name: getattr(pixel_values, field.name).contiguous() for field in dataclasses.fields(pixel_values)}
+        return {field.name: getattr(pixel_values, field.name).contiguous()
+                for field in dataclasses.fields(pixel_values)}
     return {"pixel_values": pixel_values.contiguous()}
 
 
@@ -223,7 +225,8 @@ def preprocess_rows(batch: dict, image_config, max_pixels: int | None = None) ->
             pixels[i] = save(_pixel_tensors(image_config.pixel_values(loaded[None])))
         except Exception as error:  # noqa: BLE001 - as in the core: whatever breaks on one image stays with it
             errors[i] = preprocessing_failure(key, error)
-    return {"key": batch["key"], "pixel_values": np.array(pixels, dtype=object), "error": np.array(errors, dtype=object)}
+    return {"key": batch["key"], "pixel_values": np.array(pixels, dtype=object),
+            "error": np.array(errors, dtype=object)}
 
 
 class ScoringActor:

@@ -231,5 +231,6 @@ def _refuse_other_families(base_model: str) -> None:
     if kind is not None:
         raise ConfigError(
             f"base_model {base_model} is {kind}; artquant train reproduces ArtQuant's RAD fine-tuning on mPLUG-Owl2 "
-            f"and trains nothing else. Set base_model to an mPLUG-Owl2 checkpoint (default {TrainingConfig.base_model}); "
-            "Q-ReAlign (Qwen-VL) models are fine-tuned with their authors' toolkit (github.com/Q-Future/Q-ReAlign).")
+            "and trains nothing else. Set base_model to an mPLUG-Owl2 checkpoint (default "
+            f"{TrainingConfig.base_model}); Q-ReAlign (Qwen-VL) models are fine-tuned with their authors' toolkit "
+            "(github.com/Q-Future/Q-ReAlign).")
