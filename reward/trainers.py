@@ -183,6 +183,5 @@ class FlowFactoryReward:
 
     def to(self, device) -> FlowFactoryReward:
         self.device = resolve_device(device)
-        self.reward.scorer.model.to(self.device)
-        self.reward.scorer.device = self.device
+        self.reward.scorer.to(self.device)
         return self

@@ -165,6 +165,15 @@ class ArtQuantScorer:
         preset = get_preset(preset)
         return scorer_class(preset)(checkpoint, preset, torch.device(device), dtype)
 
+    def to(self, device: str | torch.device) -> ArtQuantScorer:
+        """Moves the model and the scorer's own token-id tensors to `device` (cached prompt keys/values are rebuilt
+        there at the next use); returns the scorer. Quantised (bitsandbytes) weights cannot move."""
+        device = torch.device(device)
+        self.model.to(device)
+        self.prompt_ids, self.level_ids = self.prompt_ids.to(device), self.level_ids.to(device)
+        self.device = device
+        return self
+
     @classmethod
     def _load(cls, model, base, preset: Preset, dtype, device, merge_lora, quantization) -> LoadedCheckpoint:
         return load_checkpoint(*_checkpoint_arguments(model, base, preset), dtype=dtype, merge_lora=merge_lora,

@@ -127,6 +127,16 @@ def test_chat_template_in_the_older_json_file(qrealign_dir, qrealign_scorer, tmp
     assert scorer.prompt_ids.tolist() == qrealign_scorer.prompt_ids.tolist()
 
 
+@pytest.mark.parametrize("family", ["mplug_owl2", "qwen_vl"])
+def test_to_moves_the_model_and_every_token_id_tensor(family, reference_dir, qrealign_dir):
+    """Onto the meta device, which every tensor left behind would visibly not be on."""
+    model, preset = (reference_dir / "mplug_owl2_base", "artquant") if family == "mplug_owl2" else (qrealign_dir, "qrealign-mini-quality")
+    scorer = ArtQuantScorer.from_pretrained(model, preset=preset, dtype="fp32").to("meta")
+    assert scorer.device == torch.device("meta")
+    assert {p.device.type for p in scorer.model.parameters()} == {"meta"}
+    assert scorer.prompt_ids.device.type == scorer.level_ids.device.type == "meta"
+
+
 def test_largest_batch_size_on_the_cpu(qrealign_scorer):
     assert qrealign_scorer.largest_batch_size() == 8
 

@@ -147,6 +147,15 @@ def test_flow_factory_builds_and_calls_the_pointwise_model(scorer, images, expec
     assert output.extra_info["errors"] == [None] * 4 and model.required_fields == ("image", "prompt")
 
 
+def test_flow_factory_to_moves_the_whole_scorer():
+    """Flow-Factory moves a reward with `.to(device)`: the scorer's token ids must follow its weights (onto the meta
+    device here, where anything left behind would show)."""
+    model = FlowFactoryReward(SimpleNamespace(device="cpu"), None, scorer=tiny_qrealign_scorer()).to("meta")
+    scorer = model.reward.scorer
+    assert scorer.device.type == scorer.prompt_ids.device.type == scorer.level_ids.device.type == "meta"
+    assert {p.device.type for p in scorer.model.parameters()} == {"meta"}
+
+
 def test_trl_async_reward_returns_futures(scorer, images, expected):
     reward_fn = async_reward(ArtQuantReward(scorer))
     prompt_image_pairs = [(images[:2], PROMPTS[:2], METADATA[:2]), (images[2:], PROMPTS[2:], METADATA[2:])]
