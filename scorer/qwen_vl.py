@@ -167,10 +167,20 @@ class QwenImageConfig:
         return grid_thw.prod(-1) // self.merge_size**2
 
 
+def _check_family(config_file: Path) -> None:
+    """A CheckpointError unless `config_file` describes a Qwen-VL model (a vision config and an image token)."""
+    values = _read_json(config_file, "download the checkpoint's config.json again.")
+    if "image_token_id" not in values or "vision_config" not in values:
+        raise CheckpointError(
+            f"{config_file} describes a model of type {values.get('model_type')!r}, not a Qwen-VL model: pass a "
+            "Q-ReAlign checkpoint (such as q-future/Q-ReAlign-Mini-0.8B), or choose a preset of its family.")
+
+
 def load_qwen_image_config(model: str | os.PathLike) -> QwenImageConfig:
     """The preprocessing of the Qwen-VL checkpoint `model` (a folder or Hugging Face id), from its small files alone:
     preprocessor_config.json, or the "image_processor" entry of processor_config.json (where transformers 5 saves a
     processor). For workers that preprocess images apart from the model."""
+    _check_family(find_file(str(model), "config.json"))
     remedy = "download the checkpoint's preprocessor_config.json or processor_config.json again."
     path = find_file(str(model), "preprocessor_config.json", required=False)
     if path is not None:
@@ -208,11 +218,6 @@ def load_qwen_checkpoint(model: str | os.PathLike, dtype: torch.dtype, device: t
 
     location = str(model)
     config_file = find_file(location, "config.json")
-    values = _read_json(config_file, "download the checkpoint's config.json again.")
-    if "image_token_id" not in values or "vision_config" not in values:
-        raise CheckpointError(
-            f"{config_file} describes a model of type {values.get('model_type')!r}, not a Qwen-VL model: pass a "
-            "Q-ReAlign checkpoint (such as q-future/Q-ReAlign-Mini-0.8B), or choose a preset of its family.")
     image_config = load_qwen_image_config(location)
     try:
         config = AutoConfig.from_pretrained(location)

@@ -58,6 +58,8 @@ MODEL_ROWS = [
     (["score", "{images}", "--model", "{qrealign}", "--base", "{mplug}", *QREALIGN], "`base` is not used: leave it out"),
     (["score", "--engine", "ray", "{images}", "--out", "{tmp}/s.parquet", "--model", "{qrealign}", "--base", "{mplug}",
       *QREALIGN], "`base` is not used: leave it out"),
+    (["score", "--engine", "ray", "{images}", "--out", "{tmp}/s.parquet", "--model", "{mplug}", *QREALIGN],
+     "describes a model of type 'mplug_owl2', not a Qwen-VL"),
     (["describe", "{images}", "--model", "{qrealign}", "--base", "{mplug}", *QREALIGN], "`base` is not used"),
     (["eval", "--data", "{tmp}/eval.json", "--out", "{tmp}/eval", "--model", "{qrealign}", "--base", "{mplug}",
       *QREALIGN], "`base` is not used: leave it out"),

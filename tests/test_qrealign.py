@@ -204,6 +204,8 @@ def test_broken_qwen_checkpoint(tmp_path, qrealign_dir, breaks, error, fragment)
 def test_wrong_family_and_arguments(reference_dir, qrealign_dir):
     with pytest.raises(CheckpointError, match="not a Qwen-VL model"):
         ArtQuantScorer.from_pretrained(reference_dir / "mplug_owl2_base", preset="qrealign-mini-quality")
+    with pytest.raises(CheckpointError, match="not a Qwen-VL model"):  # as workers read it, before the model loads
+        ArtQuantScorer.load_image_config(reference_dir / "mplug_owl2_base", preset="qrealign-mini-quality")
     with pytest.raises(CheckpointError, match="qrealign-\\* preset"):
         ArtQuantScorer.from_pretrained(qrealign_dir, preset="artquant")
     with pytest.raises(ValueError, match="`base` is not used"):
