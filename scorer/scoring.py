@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -333,27 +334,24 @@ class ArtQuantScorer:
         return self._image_scores(batch, output)
 
     def _image_scores(self, batch: PixelBatch, output: LevelScores | None) -> list[ImageScore]:
-        results, row = [], 0
+        rows = iter(())
+        if output is not None:  # to Python numbers once per batch, not one tensor call per number
+            open_set = output.open_set_mass.tolist() if output.open_set_mass is not None else [None] * len(output.scores)
+            rows = zip(output.scores.tolist(), output.stds.tolist(), output.level_probs.tolist(), open_set)
+        results = []
         for source, error in zip(batch.sources, batch.errors):
             if error is not None:
                 results.append(self._failure(error, source))
                 continue
-            numbers = [output.scores[row], output.stds[row], output.level_probs[row]]
-            if output.open_set_mass is not None:
-                numbers.append(output.open_set_mass[row])
-            if not all(bool(torch.isfinite(x).all()) for x in numbers):
+            score, std, level_probs, open_set_mass = next(rows)
+            numbers = [score, std, *level_probs] + ([open_set_mass] if open_set_mass is not None else [])
+            if not all(math.isfinite(number) for number in numbers):
                 message = (f"{source or 'image'}: the model gave a non-finite (NaN or infinite) output for this image; "
                            "the checkpoint or dtype is likely broken (fp16 overflows: try bf16 or fp32).")
                 results.append(self._failure(message, source))
             else:
-                results.append(ImageScore(
-                    score=float(output.scores[row]),
-                    std=float(output.stds[row]),
-                    level_probs=dict(zip(self.preset.level_names, output.level_probs[row].tolist())),
-                    open_set_mass=float(output.open_set_mass[row]) if output.open_set_mass is not None else None,
-                    source=source,
-                ))
-            row += 1
+                results.append(ImageScore(score, std, dict(zip(self.preset.level_names, level_probs)), open_set_mass,
+                                          source=source))
         return results
 
     def _failure(self, message: str, source: str | None) -> ImageScore:

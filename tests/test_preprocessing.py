@@ -25,7 +25,8 @@ def _ours(image: Image.Image, size: int) -> np.ndarray:
     return pad_and_resize(tensor, size, fill)[0].permute(1, 2, 0).numpy()
 
 
-@pytest.mark.parametrize("size", [(160, 107), (107, 160), (300, 300), (33, 517), (1, 1), (1000, 3)])
+# (1300, 900): a large downscale, where each output reads a small band of inputs and the products go block by block.
+@pytest.mark.parametrize("size", [(160, 107), (107, 160), (300, 300), (33, 517), (1, 1), (1000, 3), (1300, 900)])
 @pytest.mark.parametrize("out", [56, 448])
 def test_uint8_resize_is_pil_exact(size, out):
     rng = np.random.default_rng(sum(size) + out)
@@ -34,6 +35,19 @@ def test_uint8_resize_is_pil_exact(size, out):
     array = np.clip(x + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
     image = Image.fromarray(array)
     assert np.array_equal(_ours(image, out), _pil_reference(image, out))
+
+
+def test_banded_products_are_used_and_equal_the_dense_one():
+    """The CPU resize multiplies only the blocks of taps that reach each output band (far less work on a large
+    downscale); summing integer taps block by block must give the dense product exactly."""
+    from artquant.scorer.preprocessing import _blocks, _resample_matrix
+
+    matrix = _resample_matrix(1300, 448, 0, 1300, True)[:, :1300]
+    blocks = _blocks(matrix)
+    assert len(blocks) > 30 and sum((e - f) * (t - s) for f, e, s, t in blocks) < 0.1 * matrix.numel()
+    image = torch.randint(0, 256, (1, 3, 5, 1300), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).double()
+    banded = torch.cat([image[..., s:t] @ matrix.T[s:t, f:e] for f, e, s, t in blocks], -1)
+    assert torch.equal(banded, image @ matrix.T)
 
 
 def test_real_photos_are_pil_exact(reference_images):
