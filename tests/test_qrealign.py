@@ -137,6 +137,19 @@ def test_to_moves_the_model_and_every_token_id_tensor(family, reference_dir, qre
     assert scorer.prompt_ids.device.type == scorer.level_ids.device.type == "meta"
 
 
+def test_compile_wraps_every_block_and_keeps_the_golden_scores(qrealign_dir, images, qrealign_golden):
+    """`compile=` compiles each decoder layer and vision block (transformers' `_no_split_modules`); the eager backend
+    checks the tracing in seconds."""
+    scorer = ArtQuantScorer.from_pretrained(qrealign_dir, preset="qrealign-mini-quality", dtype="fp32",
+                                            compile={"backend": "eager"})
+    blocks = [m for m in scorer.model.modules() if type(m).__name__ in scorer.model._no_split_modules]
+    assert len(blocks) == 6 and all(block._compiled_call_impl is not None for block in blocks)  # 4 layers, 2 blocks
+    assert all("_orig_mod" not in name for name in scorer.model.state_dict())
+    scores = [r.score for r in scorer.score(images[:3], batch_size=3)]
+    expected = [qrealign_golden["scores"]["quality"][path.name] for path in images[:3]]
+    assert scores == pytest.approx(expected, abs=FIDELITY)
+
+
 def test_largest_batch_size_on_the_cpu(qrealign_scorer):
     assert qrealign_scorer.largest_batch_size() == 8
 
