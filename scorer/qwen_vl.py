@@ -44,6 +44,14 @@ class QwenPixels:
     def __len__(self) -> int:
         return self.grid_thw.shape[0]
 
+    def __getitem__(self, images: slice) -> QwenPixels:
+        """The images in `images` (a slice), with exactly their patches."""
+        start, stop, step = images.indices(len(self))
+        if step != 1:
+            raise ValueError("QwenPixels takes contiguous slices of images only.")
+        offsets = [0, *self.grid_thw.prod(-1).cumsum(0).tolist()]
+        return QwenPixels(self.patches[offsets[start] : offsets[stop]], self.grid_thw[start:stop])
+
     def to(self, device, dtype: torch.dtype | None = None) -> QwenPixels:
         return QwenPixels(self.patches.to(device, dtype), self.grid_thw.to(device))
 

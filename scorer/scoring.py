@@ -326,24 +326,48 @@ class ArtQuantScorer:
     def score_pixel_batch(self, batch: PixelBatch, open_set: bool = False) -> list[ImageScore]:
         """One `ImageScore` per entry of `batch` (from `iter_pixel_batches`, or made elsewhere with
         `pixel_values_from_images` and this scorer's `image_config`): entries with an error keep it, the others are
-        scored (`level_logits` + `scores_from_logits`), and a non-finite model output becomes an error."""
-        with torch.inference_mode():
-            output = None
-            if batch.pixel_values is not None:
-                output = self.scores_from_logits(self.level_logits(batch.pixel_values), open_set)
-        return self._image_scores(batch, output)
+        scored (`level_logits` + `scores_from_logits`), and a non-finite model output becomes an error.
 
-    def _image_scores(self, batch: PixelBatch, output: LevelScores | None) -> list[ImageScore]:
-        rows = iter(())
-        if output is not None:  # to Python numbers once per batch, not one tensor call per number
-            open_set = output.open_set_mass.tolist() if output.open_set_mass is not None else [None] * len(output.scores)
-            rows = zip(output.scores.tolist(), output.stds.tolist(), output.level_probs.tolist(), open_set)
+        A batch that runs out of device memory is scored in halves (Qwen-VL's images have their own sizes, so one
+        batch of large images can need far more than the batch size was chosen for); an image that does not fit even
+        alone gets an error, and the others are still scored."""
+        rows: list = []
+        if batch.pixel_values is not None:
+            with torch.inference_mode():
+                rows = self._scored_rows(batch.pixel_values, open_set)
+        return self._image_scores(batch, rows)
+
+    def _scored_rows(self, pixel_values, open_set: bool) -> list:
+        """(score, std, level probabilities, open-set mass) per image as Python numbers, or the error message of an
+        image that does not fit into the device's memory."""
+        out_of_memory = False
+        try:
+            output = self.scores_from_logits(self.level_logits(pixel_values), open_set)
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # handled below, once the exception (and the activations its frames hold) is gone
+        if out_of_memory:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(pixel_values) == 1:
+                return [f"the image does not fit into the {self.device} device's memory even alone: downscale it, "
+                        "lower max_pixels in the checkpoint's preprocessor config, or score on a larger device."]
+            half = len(pixel_values) // 2
+            return self._scored_rows(pixel_values[:half], open_set) + self._scored_rows(pixel_values[half:], open_set)
+        open_set_mass = output.open_set_mass.tolist() if output.open_set_mass is not None else [None] * len(output.scores)
+        return list(zip(output.scores.tolist(), output.stds.tolist(), output.level_probs.tolist(), open_set_mass))
+
+    def _image_scores(self, batch: PixelBatch, rows: list) -> list[ImageScore]:
+        rows = iter(rows)
         results = []
         for source, error in zip(batch.sources, batch.errors):
             if error is not None:
                 results.append(self._failure(error, source))
                 continue
-            score, std, level_probs, open_set_mass = next(rows)
+            row = next(rows)
+            if isinstance(row, str):
+                results.append(self._failure(f"{source or 'image'}: {row}", source))
+                continue
+            score, std, level_probs, open_set_mass = row
             numbers = [score, std, *level_probs] + ([open_set_mass] if open_set_mass is not None else [])
             if not all(math.isfinite(number) for number in numbers):
                 message = (f"{source or 'image'}: the model gave a non-finite (NaN or infinite) output for this image; "

@@ -81,3 +81,26 @@ def test_largest_batch_size_on_the_cpu_is_fixed_without_probing(base_scorer):
     assert base_scorer.largest_batch_size() == CPU_BATCH_SIZE
     hook.remove()
     assert not calls
+
+
+def test_out_of_memory_scores_in_halves_and_never_raises(base_scorer, reference_images, monkeypatch):
+    """A batch that runs out of device memory is split until it fits; images that fit nowhere become errors."""
+    expected = [r.score for r in base_scorer.score(reference_images, batch_size=6)]
+    level_logits = base_scorer.level_logits
+
+    def device_of_two(pixel_values):
+        if len(pixel_values) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return level_logits(pixel_values)
+
+    monkeypatch.setattr(base_scorer, "level_logits", device_of_two)
+    np.testing.assert_allclose([r.score for r in base_scorer.score(reference_images, batch_size=6)], expected,
+                               atol=1e-5, rtol=0)
+
+    def full_device(pixel_values):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(base_scorer, "level_logits", full_device)
+    results = base_scorer.score(reference_images, batch_size=6)
+    assert len(results) == len(reference_images)
+    assert all(not r.ok and "does not fit into the cpu device's memory" in r.error for r in results)

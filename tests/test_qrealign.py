@@ -150,6 +150,40 @@ def test_compile_wraps_every_block_and_keeps_the_golden_scores(qrealign_dir, ima
     assert scores == pytest.approx(expected, abs=FIDELITY)
 
 
+def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(qrealign_scorer, images, qrealign_golden,
+                                                                         monkeypatch):
+    """A device that holds two images at a time, and no image of more than 40 patches: the batch is scored in halves,
+    the largest image gets an error naming memory, the others their golden scores."""
+    level_logits = qrealign_scorer.level_logits
+    calls = []
+
+    def small_device(pixels):
+        calls.append(len(pixels))
+        if len(pixels) > 2 or int(pixels.grid_thw.prod(-1).max()) > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return level_logits(pixels)
+
+    monkeypatch.setattr(qrealign_scorer, "level_logits", small_device)
+    results = qrealign_scorer.score(images, batch_size=6)
+    too_large = {"large.png"}  # 6 x 8 patches; the others have 16 to 40
+    for path, result in zip(images, results):
+        if path.name in too_large:
+            assert not result.ok and "does not fit into the cpu device's memory even alone" in result.error
+            assert path.name in result.error
+        else:
+            assert result.score == pytest.approx(qrealign_golden["scores"]["quality"][path.name], abs=FIDELITY)
+    assert calls[0] == 6 and max(calls[1:]) <= 3
+
+
+def test_pixels_slice_by_image(qrealign_scorer, images):
+    pixels = qrealign_scorer.image_config.collate([qrealign_scorer.image_config.pixel_values(image[None])
+                                                   for image in load_images(images[:3])])
+    middle = pixels[1:2]
+    alone = qrealign_scorer.image_config.pixel_values(load_images(images[1:2])[0][None])
+    assert torch.equal(middle.patches, alone.patches) and torch.equal(middle.grid_thw, alone.grid_thw)
+    assert len(pixels[:2]) == 2 and len(pixels[2:]) == 1
+
+
 def test_largest_batch_size_on_the_cpu(qrealign_scorer):
     assert qrealign_scorer.largest_batch_size() == 8
 
