@@ -171,8 +171,12 @@ def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, tor
     return device, dtype if dtype is not None else _default_dtype(device)
 
 
-def quantization_config(quantization: str | None, dtype: torch.dtype):
-    """bitsandbytes settings for "8bit" / "4bit" (the LLM only: the vision tower and abstractor stay in `dtype`)."""
+MPLUG_OWL2_UNQUANTIZED = ("vision_model", "visual_abstractor", "lm_head")
+
+
+def quantization_config(quantization: str | None, dtype: torch.dtype, keep: tuple[str, ...] = MPLUG_OWL2_UNQUANTIZED):
+    """bitsandbytes settings for "8bit" / "4bit" (the LLM only: the modules named in `keep`, by default mPLUG-Owl2's
+    vision tower, abstractor and output layer, stay in `dtype`)."""
     if quantization is None:
         return None
     if quantization not in ("8bit", "4bit"):
@@ -183,7 +187,7 @@ def quantization_config(quantization: str | None, dtype: torch.dtype):
         raise CheckpointError(f"{quantization} loading needs a CUDA GPU and `pip install bitsandbytes`.")
     from transformers import BitsAndBytesConfig
 
-    keep = ["vision_model", "visual_abstractor", "lm_head"]
+    keep = list(keep)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",

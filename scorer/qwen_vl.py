@@ -14,6 +14,7 @@ Two things are this module's own, for speed and batching:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, LoadedCheckpoint, _indexed, _read_json, _reason, find_file
+from .checkpoint import CheckpointError, LoadedCheckpoint, _indexed, _read_json, _reason, find_file, quantization_config
 from .preprocessing import _is_number, _three_numbers
 from .presets import Preset
 from .scoring import ArtQuantScorer
 
 IMAGE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer sides than this many times the shorter one
+QWEN_VL_UNQUANTIZED = ("visual", "lm_head")  # quantised loading keeps the vision tower and output layer in dtype
 PROBE_PIXELS = 1024 * 1024  # `largest_batch_size` probes with images this large (or the budget, if smaller)
 
 
@@ -208,16 +210,6 @@ def load_qwen_image_config(model: str | os.PathLike) -> QwenImageConfig:
         raise CheckpointError(f"{path} cannot be used: {error} Please {remedy}") from None
 
 
-def _quantization_config(quantization: str | None, dtype: torch.dtype):
-    if quantization is None:
-        return None
-    from .checkpoint import quantization_config
-
-    config = quantization_config(quantization, dtype)
-    config.llm_int8_skip_modules = ["visual", "lm_head"]  # the vision tower and the output layer stay in `dtype`
-    return config
-
-
 def load_qwen_checkpoint(model: str | os.PathLike, dtype: torch.dtype, device: torch.device,
                          quantization: str | None = None) -> LoadedCheckpoint:
     """A Qwen-VL checkpoint through transformers' Auto classes: model, tokenizer (with its chat template) and
@@ -249,7 +241,7 @@ def load_qwen_checkpoint(model: str | os.PathLike, dtype: torch.dtype, device: t
                               f"{config.image_token_id}): download the tokenizer files again.")
     extra: dict[str, Any] = {"device_map": {"": _indexed(device)}}
     if quantization is not None:
-        extra = {"quantization_config": _quantization_config(quantization, dtype),
+        extra = {"quantization_config": quantization_config(quantization, dtype, keep=QWEN_VL_UNQUANTIZED),
                  "device_map": {"": torch.cuda.current_device()}}
     try:
         network, info = AutoModelForImageTextToText.from_pretrained(
@@ -315,8 +307,6 @@ class QwenVLScorer(ArtQuantScorer):
         Path(out).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
-        import json
-
         (Path(out) / "preprocessor_config.json").write_text(json.dumps(self.image_config.to_dict(), indent=2))
 
     # ----------------------------------------------------------------------------------------------------------

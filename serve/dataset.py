@@ -235,21 +235,26 @@ class ScoringActor:
     def __init__(self, scorer_options: dict):
         from ..scorer import ArtQuantScorer
 
-        self.scorer = ArtQuantScorer.from_pretrained(**scorer_options)
+        self.hold(ArtQuantScorer.from_pretrained(**scorer_options))
+
+    def hold(self, scorer) -> None:
+        """Scores with `scorer` from now on (the constructor loads one; tests hand one in)."""
+        import torch
+
+        self.scorer = scorer
+        # The kind of pixel values this checkpoint takes (a tensor, or a dataclass of tensors), to rebuild rows as.
+        self.pixel_kind = scorer.image_config.pixel_values(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
 
     def __call__(self, batch: dict) -> dict:
-        import torch
         from safetensors.torch import load
 
         from ..scorer.preprocessing import PixelBatch
 
         keys, errors = [str(key) for key in batch["key"]], _errors(batch["error"])
-        config = self.scorer.image_config
-        # The kind of pixel values this checkpoint takes (a tensor, or a dataclass of tensors), to rebuild them as.
-        like = config.pixel_values(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
-        parts = [_pixel_values(load(batch["pixel_values"][i]), like) for i, error in enumerate(errors) if error is None]
+        parts = [_pixel_values(load(batch["pixel_values"][i]), self.pixel_kind)
+                 for i, error in enumerate(errors) if error is None]
         # The core's own collation: a batch exactly as `artquant score` builds it from the same images.
-        pixel_values = config.collate(parts) if parts else None
+        pixel_values = self.scorer.image_config.collate(parts) if parts else None
         # The core's own batch scoring: errors kept per row, a non-finite output an error row, never a score.
         results = self.scorer.score_pixel_batch(PixelBatch(keys, errors, pixel_values))
         names = self.scorer.preset.level_names

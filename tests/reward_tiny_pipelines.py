@@ -269,3 +269,14 @@ def tiny_qrealign_scorer(dtype: str = "fp32"):
     from artquant import ArtQuantScorer
 
     return ArtQuantScorer.from_pretrained(QREALIGN_TINY, preset=QREALIGN_PRESET, device="cpu", dtype=dtype)
+
+
+def fresh_scorer(family: str, request):
+    """A fresh fp32 CPU scorer of `family` (a key of SCORE_RANGES): the tiny Q-ReAlign, or the reference fixture's
+    ArtQuant LoRA release (found through pytest's `reference_dir` fixture, which skips or fails without it)."""
+    if family == "qrealign":
+        return tiny_qrealign_scorer()
+    from artquant import ArtQuantScorer
+
+    reference_dir = request.getfixturevalue("reference_dir")
+    return ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")

@@ -248,7 +248,7 @@ def test_cpu_stage_makes_the_models_pixel_values_and_the_actor_scores_them_as_th
         assert all(torch.equal(stored[name], expected[name]) for name in stored)  # bit for bit the core's
     expected = stage_scorer.score([Image.open(io.BytesIO(images[i])) for i in (0, 1, 3, 4)], batch_size=4)
     actor = ScoringActor.__new__(ScoringActor)
-    actor.scorer = stage_scorer
+    actor.hold(stage_scorer)
     table = actor(rows).to_pydict()
     assert table["error"][2] == "k2: no image" and "k5: not an image PIL can read" in table["error"][5]
     assert np.isnan(table["score"][2]) and np.isnan(table["score"][5])

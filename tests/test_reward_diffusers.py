@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from artquant import ArtQuantScorer
-from artquant.reward import ArtQuantReward, best_of_n, best_of_n_to_folder
+from artquant.reward import best_of_n, best_of_n_to_folder
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from reward_tiny_pipelines import (
@@ -17,8 +16,8 @@ from reward_tiny_pipelines import (
     QREALIGN_TINY,
     SCORE_RANGES,
     SIZE,
+    fresh_scorer,
     tiny_flux,
-    tiny_qrealign_scorer,
     tiny_sd,
 )
 
@@ -40,10 +39,7 @@ def pipe():
 @pytest.fixture(scope="module", params=list(SCORE_RANGES))
 def scorer(request):
     # Its own scorer: rewards freeze the model in place, which must not leak into the shared fixtures.
-    if request.param == "qrealign":
-        return tiny_qrealign_scorer()
-    reference_dir = request.getfixturevalue("reference_dir")
-    return ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
+    return fresh_scorer(request.param, request)
 
 
 def generate(pipe, prompts, seeds, **kwargs):

@@ -30,6 +30,7 @@ from reward_tiny_pipelines import (
     BUILDERS,
     CALL_OPTIONS,
     SIZE,
+    fresh_scorer,
     tiny_flux,
     tiny_sd,
     tiny_sd3,
@@ -279,11 +280,7 @@ DECODE_GRADIENT_CHECKS = {
 
 @pytest.fixture(scope="module", params=list(DECODE_GRADIENT_CHECKS))
 def float64_reward(request) -> tuple[str, ArtQuantReward]:
-    if request.param == "qrealign":
-        scorer = tiny_qrealign_scorer()
-    else:
-        reference_dir = request.getfixturevalue("reference_dir")
-        scorer = ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
+    scorer = fresh_scorer(request.param, request)
     scorer.model.double()
     scorer.dtype = torch.float64
     return request.param, ArtQuantReward(scorer, gradient_checkpointing=False)

@@ -26,17 +26,21 @@ from artquant.reward import (
 )
 from artquant.reward import functions as reward_functions
 from PIL import Image
-from reward_tiny_pipelines import QREALIGN_PRESET, QREALIGN_TINY, SCORE_RANGES, score_range, tiny_qrealign_scorer
+from reward_tiny_pipelines import (
+    QREALIGN_PRESET,
+    QREALIGN_TINY,
+    SCORE_RANGES,
+    fresh_scorer,
+    score_range,
+    tiny_qrealign_scorer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(SCORE_RANGES))
 def scorer(request):
-    if request.param == "qrealign":
-        return tiny_qrealign_scorer()
-    reference_dir = request.getfixturevalue("reference_dir")
-    return ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
+    return fresh_scorer(request.param, request)
 
 
 @pytest.fixture(scope="module")
