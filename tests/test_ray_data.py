@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +108,13 @@ def test_killed_run_resumes_without_losing_or_repeating_a_key_and_matches_local_
     out = tmp_path / "scores.parquet"
     args = _cli_args(reference_dir, dataset, out)
     log = tmp_path / "first.log"
-    first = start_cli(args, log, ray_free_env())
-    try:  # killed (with all its Ray processes) as soon as its first batches are on disk
-        wait_for(lambda: len(list(out.glob("*.parquet"))) >= 2, 300, "the first batches to be written", first, log)
+    # Its scoring actor stalls after two batches (Ray may hold the second in the same task as the third), so the kill
+    # lands mid-run however fast the machine scores.
+    stalled = ray_free_env(ARTQUANT_TEST_STALL_AFTER_BATCHES="2", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(Path(__file__).parent / "stalled_scoring"), os.environ.get("PYTHONPATH")])))
+    first = start_cli(args, log, stalled)
+    try:  # killed (with all its Ray processes) as soon as a batch is on disk
+        wait_for(lambda: _complete_rows(out) > 0, 300, "the first batch to be written", first, log)
     finally:
         kill_session(first)
     written_before = _complete_rows(out)
