@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, ImageInputError, iter_image_loaders
 
@@ -240,13 +241,39 @@ def pad_and_resize(images: torch.Tensor, out_size: int, fill: torch.Tensor) -> t
     return clip(resized + padding_rows)
 
 
+def _pil_is_faster(height: int, width: int) -> bool:
+    """Whether PIL resizes an image faster than `pad_and_resize` on the CPU (bench_resize.py, BENCHMARKS.md): PIL's
+    lower overhead per call wins on small images and on squares; from about 768 px a non-square image is faster in
+    ours, which never resizes the padding. Above 2048 px ours also avoids PIL's copy of the image."""
+    side = max(height, width)
+    return side <= 768 or (height == width and side <= 2048)
+
+
+def _pil_pad_and_resize(image: torch.Tensor, out_size: int, fill: tuple[int, ...]) -> torch.Tensor:
+    """uint8 [3, h, w] on the CPU -> the reference's own operations, run by PIL itself (the same pixels as
+    `pad_and_resize`): expand2square with `fill`, then a bicubic resize to `out_size`."""
+    _, height, width = image.shape
+    picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), "RGB")
+    side = max(height, width)
+    if height != width:
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(picture, ((side - width) // 2, (side - height) // 2))
+        picture = square
+    return torch.from_numpy(np.array(picture.resize((out_size, out_size), Image.Resampling.BICUBIC))).permute(2, 0, 1)
+
+
 def pixel_values_from_images(images: torch.Tensor, config: ImageProcessingConfig) -> torch.Tensor:
     """RGB images [B, 3, H, W] -> the model's `pixel_values` [B, 3, crop, crop] (float32 unless input is float).
 
     uint8 in [0, 255]: bit-exact with the reference. Float in [0, 1]: differentiable; equal to the uint8 path up to
     PIL's 8-bit rounding.
     """
-    if images.dtype == torch.uint8:
+    # Both uint8 paths give PIL's pixels (tested equal): PIL's own for small images on the CPU, the banded torch one
+    # for large images and on GPUs.
+    if images.dtype == torch.uint8 and images.device.type == "cpu" and _pil_is_faster(*images.shape[-2:]):
+        resized = torch.stack([_pil_pad_and_resize(image, config.resize_to, config.pad_colour) for image in images]).float()
+        scale = config.rescale_factor
+    elif images.dtype == torch.uint8:
         fill = torch.tensor(config.pad_colour, dtype=torch.float64)
         resized = pad_and_resize(images, config.resize_to, fill).float()
         scale = config.rescale_factor

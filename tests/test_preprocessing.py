@@ -94,3 +94,19 @@ def test_preprocessor_config_round_trip(reference_dir):
     assert ImageProcessingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="bicubic"):
         ImageProcessingConfig.from_dict({**values, "resample": 2})
+
+
+# Both sides of `_pil_is_faster`: small (PIL), large non-square (ours), large square (PIL), 1 px, a sliver.
+@pytest.mark.parametrize("size", [(160, 107), (107, 160), (56, 56), (1, 1), (1000, 3), (1300, 900), (1024, 1024)])
+def test_uint8_pixel_values_are_the_references_whichever_resize_runs(size):
+    """On the CPU, uint8 images are padded and resized by PIL itself or by `pad_and_resize`, whichever is faster for
+    the size; both must give the reference's pixels (decoded images arrive channels-last, as here)."""
+    from artquant.scorer.preprocessing import _mean_and_std
+
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    arrays = rng.integers(0, 256, (2, size[1], size[0], 3), dtype=np.uint8)
+    config = ImageProcessingConfig(resize_to=48, crop_size=40)
+    ours = pixel_values_from_images(torch.from_numpy(arrays).permute(0, 3, 1, 2), config)
+    reference = torch.from_numpy(np.stack([_pil_reference(Image.fromarray(a), 48) for a in arrays])).permute(0, 3, 1, 2)
+    mean, std = _mean_and_std(config, torch.float32, torch.device("cpu"))
+    assert torch.equal(ours, (reference.float()[..., 4:44, 4:44] * config.rescale_factor - mean) / std)
