@@ -16,7 +16,8 @@ REPORTS = ["gpu_score", "prefix_cache", "gpu_reward", "gpu_guidance", "gpu_train
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 def test_every_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path, reference_dir):
     pytest.importorskip("diffusers")
-    env = {**os.environ, "OUT": str(tmp_path), "ARTQUANT_REFERENCE": str(reference_dir), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "OUT": str(tmp_path), "ARTQUANT_REFERENCE": str(reference_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this venv's python
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu_benchmarks.sh"), "--tiny"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

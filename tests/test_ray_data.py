@@ -108,8 +108,8 @@ def test_killed_run_resumes_without_losing_or_repeating_a_key_and_matches_local_
     out = tmp_path / "scores.parquet"
     args = _cli_args(reference_dir, dataset, out)
     log = tmp_path / "first.log"
-    # Its scoring actor stalls after two batches (Ray may hold the second in the same task as the third), so the kill
-    # lands mid-run however fast the machine scores.
+    # Its scoring actor stalls after two batches, so the kill (once a batch is on disk) lands mid-run however fast the
+    # machine scores.
     stalled = ray_free_env(ARTQUANT_TEST_STALL_AFTER_BATCHES="2", PYTHONPATH=os.pathsep.join(
         filter(None, [str(Path(__file__).parent / "stalled_scoring"), os.environ.get("PYTHONPATH")])))
     first = start_cli(args, log, stalled)

@@ -5,6 +5,7 @@ Ray workers inherit the driver's environment, and each imports `artquant.serve.d
 class; this wraps that module's loading to slow the class down there, and changes nothing anywhere else."""
 
 import importlib.abc
+import itertools
 import os
 import sys
 import time
@@ -14,11 +15,10 @@ _STALL_AFTER = int(os.environ.get("ARTQUANT_TEST_STALL_AFTER_BATCHES", "0"))
 
 
 def _stall_scoring(module) -> None:
-    score, calls = module.ScoringActor.__call__, []
+    score, calls = module.ScoringActor.__call__, itertools.count()
 
     def stalling_call(self, batch):
-        calls.append(None)
-        if len(calls) > _STALL_AFTER:  # (list.append is atomic: the actor may run batches on several threads)
+        if next(calls) >= _STALL_AFTER:  # (next() on a count is atomic: the actor may run batches on several threads)
             time.sleep(3600)  # until the test kills the run
         return score(self, batch)
 
