@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -369,7 +370,10 @@ def _apply_lora(model, lora: str, peft_config, adapter_config: Path, adapter_wei
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, lora, config=peft_config)
+        with warnings.catch_warnings():
+            # peft reads transformers 5's deprecated `is_gradient_checkpointing`; the warning is theirs, not the user's.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PeftModel.from_pretrained(model, lora, config=peft_config)
     except Exception as error:
         load_weights_file(adapter_weights)  # a corrupt file is named as such
         raise CheckpointError(

@@ -98,3 +98,13 @@ def test_quantization_needs_bitsandbytes_and_a_gpu(reference_dir):
         ArtQuantScorer.from_pretrained(reference_dir / "mplug_owl2_base", quantization="8bit")
     with pytest.raises(ValueError, match="'8bit' or '4bit'"):
         ArtQuantScorer.from_pretrained(reference_dir / "mplug_owl2_base", quantization="3bit")
+
+
+def test_loading_a_lora_release_shows_no_deprecation_of_peft_s_making(reference_dir, recwarn):
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing`: a FutureWarning on every `artquant score`
+    of the default (LoRA) release that the user can do nothing about."""
+    import warnings
+
+    warnings.simplefilter("always")
+    ArtQuantScorer.from_pretrained(reference_dir / "artquant_lora", device="cpu", dtype="fp32")
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
