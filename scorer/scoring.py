@@ -324,8 +324,8 @@ class ArtQuantScorer:
             yield self.score_pixel_batch(batch, open_set)
 
     def score_pixel_batch(self, batch: PixelBatch, open_set: bool = False) -> list[ImageScore]:
-        """One `ImageScore` per entry of `batch` (from `iter_pixel_batches`, or made elsewhere with
-        `pixel_values_from_images` and this scorer's `image_config`): entries with an error keep it, the others are
+        """One `ImageScore` per entry of `batch` (from `iter_pixel_batches`, or made elsewhere with this scorer's
+        `image_config.pixel_values`): entries with an error keep it, the others are
         scored (`level_logits` + `scores_from_logits`), and a non-finite model output becomes an error.
 
         A batch that runs out of device memory is scored in halves (Qwen-VL's images have their own sizes, so one
